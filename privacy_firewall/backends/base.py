@@ -1,0 +1,127 @@
+"""The flow-model backend interface that FlowEdit is written against.
+
+A backend wraps one pretrained rectified-flow model (SD3, FLUX or the project's
+own embedded model) behind five operations. Conventions, shared with SD3 and
+FlowEdit: ``t`` runs from 1 (pure noise) to 0 (clean data), the forward process
+is ``z_t = (1 - t) * z_0 + t * noise`` and the model predicts the velocity
+``v = noise - z_0``, so an Euler step from ``t_i`` to ``t_{i+1}`` is
+``z += (t_{i+1} - t_i) * v``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    """Encoded prompts, batch-first. ``extras`` holds backend-specific tensors
+    (e.g. pooled CLIP projections for SD3/FLUX); every tensor's first dimension
+    is the number of prompts."""
+
+    embeds: torch.Tensor
+    extras: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return int(self.embeds.shape[0])
+
+    def index(self, rows: list[int] | torch.Tensor) -> Conditioning:
+        """Select prompts by row (used to line conditions up with latents)."""
+        rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.embeds.device)
+        return Conditioning(
+            embeds=self.embeds.index_select(0, rows_t),
+            extras={k: v.index_select(0, rows_t.to(v.device)) for k, v in self.extras.items()},
+        )
+
+
+class FlowBackend(ABC):
+    """A rectified-flow model as FlowEdit sees it.
+
+    ``nfe`` counts model evaluations per sample: a forward pass over a batch of
+    six latents adds six. FlowEdit reports it per edited image.
+    """
+
+    name: str = "base"
+    #: True when the model has a real unconditional branch for classifier-free
+    #: guidance. FLUX.1-dev is guidance-distilled: its guidance scale is an input
+    #: of the transformer, so one evaluation per branch suffices.
+    has_true_cfg: bool = True
+
+    def __init__(self) -> None:
+        self.nfe = 0
+        self._prompt_cache: dict[str, Conditioning] = {}
+
+    # -- prompts ---------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Encode prompts once per process: later calls hit the cache."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            encoded = self._encode_prompts(missing)
+            for i, prompt in enumerate(missing):
+                self._prompt_cache[prompt] = encoded.index([i])
+        parts = [self._prompt_cache[p] for p in prompts]
+        return Conditioning(
+            embeds=torch.cat([p.embeds for p in parts]),
+            extras={k: torch.cat([p.extras[k] for p in parts]) for k in parts[0].extras},
+        )
+
+    @abstractmethod
+    def _encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Encode distinct prompts to conditioning (no caching here)."""
+
+    # -- the model ---------------------------------------------------------------
+    def velocity(
+        self,
+        latents: torch.Tensor,
+        t: float,
+        cond: Conditioning,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity for a batch of latents at time ``t`` in [0, 1].
+
+        ``cond`` has one row per latent. ``guidance`` (one scale per latent) is
+        only used by guidance-distilled models (``has_true_cfg = False``).
+        """
+        if len(cond) != latents.shape[0]:
+            raise ValueError(f"{len(cond)} conditions for {latents.shape[0]} latents")
+        self.nfe += int(latents.shape[0])
+        return self._velocity(latents, t, cond, guidance)
+
+    @abstractmethod
+    def _velocity(
+        self,
+        latents: torch.Tensor,
+        t: float,
+        cond: Conditioning,
+        guidance: torch.Tensor | None,
+    ) -> torch.Tensor: ...
+
+    # -- image <-> latent ----------------------------------------------------------
+    @abstractmethod
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB images, float in [0, 1], shape (B, 3, H, W) -> latents."""
+
+    @abstractmethod
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> RGB images, float in [0, 1], shape (B, 3, H, W)."""
+
+    # -- schedule ----------------------------------------------------------------
+    @abstractmethod
+    def timesteps(self, num_steps: int, image_size: tuple[int, int]) -> torch.Tensor:
+        """The default schedule: ``num_steps + 1`` decreasing times from ~1 to 0
+        (the last entry is 0). ``image_size`` is (height, width) in pixels, for
+        resolution-dependent shifts (FLUX)."""
+
+    #: Pixel multiple the backend needs (VAE factor x patch size).
+    size_multiple: int = 16
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32

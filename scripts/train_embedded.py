@@ -1,0 +1,280 @@
+"""Train the embedded flow model (and its attribute classifier) on the synthetic clinic.
+
+    python -m scripts.train_embedded flow --out runs/embedded --steps 20000
+    python -m scripts.train_embedded classifier --out runs/embedded
+    python -m scripts.train_embedded export --out runs/embedded   # -> models/embedded/
+
+Deterministic by seed and resumable: a checkpoint (model, EMA, optimiser, data
+order, loss history) is written atomically every ``--checkpoint-every`` steps and
+a killed run continues from it. A loss-curve PNG is redrawn at each checkpoint.
+Runs on CPU or CUDA (``--device``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.attribute_classifier import HEADS, AttributeClassifier, save_classifier
+from models.flow_unet import FlowUNet, FlowUNetConfig, save_flow_unet
+from models.io import atomic_torch_save, atomic_write_json
+from synthetic_clinic import render_subject
+from synthetic_clinic.render import Subject
+
+#: The clinic seed the embedded model is trained on; evaluation uses other seeds.
+TRAIN_CLINIC_SEED = 12345
+EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "models" / "embedded"
+
+
+def attribute_phrases(s: Subject) -> list[str]:
+    view = "periocular close-up" if s.view == "periocular" else "full face"
+    phrases = [f"{s.skin_tone_group} skin", f"{s.hair_colour} hair", f"{s.ear_group} ears", f"{s.brow_group} brows", view]
+    phrases.append("long hair" if s.hair_length > 0.5 else "short hair")
+    if s.beard > 0.3:
+        phrases.append("beard")
+    return phrases
+
+
+def build_pool(n_subjects: int, size: int, cache: Path) -> dict[str, np.ndarray]:
+    """Render (or load) the training pool: per subject its pathological image,
+    healthy twin and opposite-sex image, plus the attributes the captions use."""
+    if cache.exists():
+        data = np.load(cache, allow_pickle=False)
+        if int(data["images"].shape[0]) == n_subjects and int(data["images"].shape[2]) == size:
+            return {k: data[k] for k in data.files}
+    images = np.zeros((n_subjects, 3, size, size, 3), np.uint8)
+    phrases: list[str] = []
+    sexes = np.zeros(n_subjects, np.int64)
+    tones = np.zeros(n_subjects, np.int64)
+    views = np.zeros(n_subjects, np.int64)
+    for i in tqdm(range(n_subjects), desc="render training pool", unit="subject"):
+        cs = render_subject(TRAIN_CLINIC_SEED, i, size)
+        images[i] = np.stack([cs.pathological, cs.healthy, cs.opposite])
+        phrases.append("|".join(attribute_phrases(cs.subject)))
+        sexes[i] = HEADS["sex"].index(cs.subject.sex)
+        tones[i] = HEADS["skin_tone_group"].index(cs.subject.skin_tone_group)
+        views[i] = HEADS["view"].index(cs.subject.view)
+    pool = {"images": images, "phrases": np.array(phrases), "sex": sexes, "tone": tones, "view": views}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".partial.npz")
+    np.savez(tmp, **pool)
+    tmp.replace(cache)
+    return pool
+
+
+def sample_captions(pool: dict, idx: np.ndarray, kinds: np.ndarray, rng: np.random.Generator, p_drop: float) -> list[str]:
+    """Captions with random attribute dropout, so short prompts work at inference."""
+    captions = []
+    for i, kind in zip(idx, kinds):
+        if rng.random() < p_drop:
+            captions.append("")
+            continue
+        female = pool["sex"][i] == 0
+        if kind == 2:  # the opposite-sex image
+            female = not female
+        person = "woman" if female else "man"
+        if rng.random() < 0.15:
+            person = "person"
+        state = "with clear, healthy skin" if kind == 1 else "with facial erythema"
+        phrases = [p for p in str(pool["phrases"][i]).split("|") if rng.random() < 0.5]
+        if kind == 2:
+            phrases = [p for p in phrases if p not in ("beard", "long hair", "short hair")]
+        captions.append(", ".join([f"photo of a {person} {state}", *phrases]))
+    return captions
+
+
+def plot_losses(history: list[tuple[int, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    steps, losses = zip(*history)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, lw=0.6, alpha=0.4, label="batch")
+    k = max(1, len(losses) // 50)
+    smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+    ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"mean of {k}")
+    ax.set(xlabel="step", ylabel="velocity MSE", yscale="log", title="embedded flow model: training loss")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".partial.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def train_flow(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    pool = build_pool(args.pool, args.size, out / f"pool_{args.pool}_{args.size}.npz")
+    images = torch.from_numpy(pool["images"])  # (N, 3, H, W, 3) uint8
+
+    config = FlowUNetConfig(image_size=args.size, channels=tuple(args.channels))
+    torch.manual_seed(args.seed)
+    model = FlowUNet(config).to(device)
+    ema = copy.deepcopy(model).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    rng = np.random.default_rng(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    step, history, seconds = 0, [], 0.0
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = state["rng"]
+        gen.set_state(state["gen"])
+        step, history, seconds = state["step"], state["history"], state.get("seconds", 0.0)
+        print(f"resumed from step {step}")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"FlowUNet: {n_params / 1e6:.2f} M parameters, device {device}, {args.threads} threads")
+
+    def save() -> None:
+        atomic_torch_save(ckpt, {
+            "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            "rng": rng.bit_generator.state, "gen": gen.get_state(), "step": step,
+            "history": history, "seconds": seconds, "args": vars(args),
+        })
+        save_flow_unet(ema, out)
+        atomic_write_json(out / "training.json", {
+            "steps": step, "wall_seconds": round(seconds), "final_loss": float(np.mean([h[1] for h in history[-200:]])),
+            "parameters": n_params, "args": vars(args), "device": str(device),
+        })
+        plot_losses(history, out / "loss_curve.png")
+
+    bar = tqdm(total=args.steps, initial=step, desc="train flow", unit="step")
+    while step < args.steps:
+        t0 = time.time()
+        idx = rng.integers(0, images.shape[0], size=args.batch)
+        kinds = rng.integers(0, 3, size=args.batch)
+        x0 = images[torch.from_numpy(idx), torch.from_numpy(kinds)].permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+        captions = sample_captions(pool, idx, kinds, rng, p_drop=0.1)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.sigmoid(torch.randn(args.batch, generator=gen)).to(device)  # logit-normal
+        xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+        lr = args.lr * min(1.0, (step + 1) / 500)  # warm-up
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            pred = model(xt, t, model.encode_captions(model.caption_tokens(captions)))
+        loss = F.mse_loss(pred.float(), noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(args.ema, (1 + step) / (10 + step))
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        step += 1
+        seconds += time.time() - t0
+        history.append((step, float(loss)))
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean([h[1] for h in history[-100:]]):.4f}")
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            save()
+    bar.close()
+    save()
+    print(json.dumps({"steps": step, "loss": float(np.mean([h[1] for h in history[-200:]])), "out": str(out)}))
+
+
+def train_classifier(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    torch.set_num_threads(args.threads)
+    pool = build_pool(args.pool, args.size, out / f"pool_{args.pool}_{args.size}.npz")
+    images = torch.from_numpy(pool["images"])
+    n = images.shape[0]
+    n_val = max(64, n // 20)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    model = AttributeClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+
+    def labels(idx: np.ndarray, kinds: np.ndarray) -> dict[str, torch.Tensor]:
+        sex = pool["sex"][idx] ^ (kinds == 2)
+        return {
+            "sex": torch.from_numpy(sex.astype(np.int64)),
+            "erythema": torch.from_numpy((kinds != 1).astype(np.int64)),
+            "skin_tone_group": torch.from_numpy(pool["tone"][idx]),
+            "view": torch.from_numpy(pool["view"][idx]),
+        }
+
+    def batch(idx: np.ndarray, kinds: np.ndarray) -> torch.Tensor:
+        x = images[torch.from_numpy(idx), torch.from_numpy(kinds)].permute(0, 3, 1, 2).float() / 255
+        return x
+
+    for _ in tqdm(range(args.classifier_steps), desc="train attribute classifier", unit="step"):
+        idx = rng.integers(n_val, n, size=64)
+        kinds = rng.integers(0, 3, size=64)
+        x = batch(idx, kinds)
+        # Light noise and blur so the judge also reads generated (imperfect) images.
+        x = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+        logits = model(x)
+        y = labels(idx, kinds)
+        loss = sum(F.cross_entropy(logits[k], y[k]) for k in HEADS)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    idx = np.repeat(np.arange(n_val), 3)
+    kinds = np.tile(np.arange(3), n_val)
+    with torch.no_grad():
+        logits = model(batch(idx, kinds))
+    y = labels(idx, kinds)
+    acc = {k: float((logits[k].argmax(1) == y[k]).float().mean()) for k in HEADS}
+    print("held-out accuracy:", json.dumps(acc))
+    save_classifier(model, out, {"held_out_accuracy": acc, "held_out_images": int(len(idx))})
+
+
+def export(args: argparse.Namespace) -> None:
+    """Copy the trained weights into models/embedded/ (what the package ships)."""
+    src = Path(args.out)
+    EMBEDDED_DIR.mkdir(parents=True, exist_ok=True)
+    for name in ("flow_unet.safetensors", "flow_unet.json", "attribute_classifier.safetensors",
+                 "attribute_classifier.json", "training.json", "loss_curve.png"):
+        if (src / name).exists():
+            shutil.copyfile(src / name, EMBEDDED_DIR / name)
+            print("exported", name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("flow", "classifier", "export"):
+        p = sub.add_parser(name)
+        p.add_argument("--out", default="runs/embedded")
+        p.add_argument("--pool", type=int, default=12000, help="training subjects rendered once")
+        p.add_argument("--size", type=int, default=64)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    flow = sub.choices["flow"]
+    flow.add_argument("--steps", type=int, default=20000)
+    flow.add_argument("--batch", type=int, default=32)
+    flow.add_argument("--lr", type=float, default=1e-3)
+    flow.add_argument("--ema", type=float, default=0.999)
+    flow.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128])
+    flow.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on recent CPUs and GPUs)")
+    flow.add_argument("--checkpoint-every", type=int, default=250)
+    sub.choices["classifier"].add_argument("--classifier-steps", type=int, default=1500)
+    args = parser.parse_args(argv)
+    {"flow": train_flow, "classifier": train_classifier, "export": export}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
