@@ -257,7 +257,7 @@ def load_pipeline(
         pipe.vae.enable_tiling()
     if vae_slicing:
         pipe.vae.enable_slicing()
-    if cpu_offload and torch.cuda.is_available():
+    if cpu_offload:
         pipe.enable_model_cpu_offload(device=target if target.type == "cuda" else "cuda")
     else:
         if cpu_offload:
