@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from models.io import write_png
 from synthetic_clinic.render import Subject, render, sample_subject
 
 FOLDERS = ("images", "masks", "healthy", "opposite", "opposite_masks")
@@ -75,22 +76,6 @@ def render_subject(seed: int, index: int, size: int = 64, view: str | None = Non
     return ClinicSubject(index, subject, path, healthy, mask, opposite, opposite_mask)
 
 
-def _write_png(path: Path, rgb_or_mask: np.ndarray) -> None:
-    """Atomic PNG write with no metadata chunks (OpenCV writes none)."""
-    arr = rgb_or_mask
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8) * 255
-    elif arr.ndim == 3:
-        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", arr)
-    if not ok:
-        raise OSError(f"could not encode {path.name}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.tobytes())
-    os.replace(tmp, path)
-
-
 def metadata_row(cs: ClinicSubject) -> dict[str, object]:
     s = cs.subject
     return {
@@ -135,7 +120,7 @@ def generate_clinic(
         names = [out / folder / f"{cs.stem}.png" for folder in FOLDERS]
         if not all(p.exists() for p in names):
             for p, arr in zip(names, (cs.pathological, cs.mask, cs.healthy, cs.opposite, cs.opposite_mask)):
-                _write_png(p, arr)
+                write_png(p, arr)
         rows.append(metadata_row(cs))
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=".csv")
     with os.fdopen(fd, "w", newline="") as f:

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import huggingface_hub.constants as hf_constants
 import pytest
 import torch
 
@@ -26,7 +27,7 @@ from privacy_firewall.backends.flux import (  # noqa: E402
     pack_latents,
     unpack_latents,
 )
-from privacy_firewall.backends.loading import ModelNotFoundError, load_pipeline  # noqa: E402
+from privacy_firewall.backends.loading import ModelNotFoundError, load_pipeline, offline_mode  # noqa: E402
 from privacy_firewall.backends.sd3 import SD3Backend  # noqa: E402
 from privacy_firewall.backends.tiny import (  # noqa: E402
     build_random_flux_pipeline,
@@ -66,8 +67,15 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _load(kind: str, folder: Path, **kw: Any) -> Any:
-    args = {"dtype": "fp32", "device": "cpu", "drop_t5": False, "vae_tiling": False,
-            "vae_slicing": False, "cpu_offload": False, **kw}
+    args = {
+        "dtype": "fp32",
+        "device": "cpu",
+        "drop_t5": False,
+        "vae_tiling": False,
+        "vae_slicing": False,
+        "cpu_offload": False,
+        **kw,
+    }
     return load_pipeline(kind, str(folder), **args)
 
 
@@ -102,12 +110,14 @@ def test_tiny_pipelines_are_small_with_real_vae_factor(tiny_dirs: dict[str, Path
         assert pipes[kind].vae_scale_factor == 8
         assert pipes[kind].vae.config.latent_channels == 16
         assert not pipes[kind].transformer.training
+    for built in (build_tiny_sd3_pipeline(), build_tiny_flux_pipeline()):
+        assert not any(m.training for m in built.components.values() if isinstance(m, torch.nn.Module))
 
 
 def test_load_pipeline_offline_restores_weights(kind: str, tiny_dirs: dict[str, Path], no_network: list) -> None:
     build = build_tiny_sd3_pipeline if kind == "sd3" else build_tiny_flux_pipeline
     original = build()
-    env_before = os.environ.get("HF_HUB_OFFLINE")
+    env_before, const_before = os.environ.get("HF_HUB_OFFLINE"), hf_constants.HF_HUB_OFFLINE
     loaded = _load(kind, tiny_dirs[kind])
     assert type(loaded) is type(original)
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
@@ -115,7 +125,18 @@ def test_load_pipeline_offline_restores_weights(kind: str, tiny_dirs: dict[str, 
         assert ref.keys() == got.keys()
         assert all(torch.equal(ref[k], got[k]) for k in ref), name
     assert os.environ.get("HF_HUB_OFFLINE") == env_before
+    assert hf_constants.HF_HUB_OFFLINE == const_before
     assert no_network == []
+
+
+def test_offline_mode_blocks_hub_and_restores(monkeypatch: pytest.MonkeyPatch) -> None:
+    # start from "online" (a conftest may already have set HF_HUB_OFFLINE=1)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    before = (os.environ.get("HF_HUB_OFFLINE"), hf_constants.HF_HUB_OFFLINE)
+    with offline_mode():
+        assert os.environ["HF_HUB_OFFLINE"] == "1" and hf_constants.HF_HUB_OFFLINE is True
+    assert (os.environ.get("HF_HUB_OFFLINE"), hf_constants.HF_HUB_OFFLINE) == before
 
 
 def test_missing_path_raises_model_not_found_with_instructions(tmp_path: Path) -> None:
@@ -129,11 +150,35 @@ def test_missing_path_raises_model_not_found_with_instructions(tmp_path: Path) -
     assert "stabilityai/stable-diffusion-3-medium-diffusers" in msg
 
 
+def test_unset_model_path_uses_default_repo_from_cache_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    with pytest.raises(ModelNotFoundError) as info:
+        load_pipeline("flux", None, dtype="fp32", device="cpu")
+    msg = str(info.value)
+    assert "model_path is not set" in msg and "black-forest-labs/FLUX.1-dev" in msg
+    assert str(tmp_path / "empty-hub") in msg
+
+
 def test_uncached_repo_id_fails_without_network(no_network: list) -> None:
     repo = "no-such-org-xyz/no-such-model-xyz"
     with pytest.raises(ModelNotFoundError) as info:
         _load("flux", repo)
     assert repo in str(info.value) and "cache" in str(info.value)
+    assert no_network == []
+
+
+def test_repo_id_resolves_from_offline_cache(
+    tiny_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: list
+) -> None:
+    """A repo id is served from a populated Hugging Face cache, without network."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = tmp_path / "hub" / "models--someorg--tiny-flux"
+    shutil.copytree(tiny_dirs["flux"], repo_dir / "snapshots" / commit)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    pipe = _load("flux", "someorg/tiny-flux")
+    assert isinstance(pipe, FluxPipeline)
     assert no_network == []
 
 
@@ -152,8 +197,15 @@ def test_incomplete_or_wrong_folder_raises(tiny_dirs: dict[str, Path], tmp_path:
 
 
 def test_loading_flags_and_from_config(tiny_dirs: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
-    cfg = SimpleNamespace(model_path=str(tiny_dirs["sd3"]), dtype="bf16", device="cpu", drop_t5=False,
-                          vae_tiling=True, vae_slicing=True, cpu_offload=True)
+    cfg = SimpleNamespace(
+        model_path=str(tiny_dirs["sd3"]),
+        dtype="bf16",
+        device="cpu",
+        drop_t5=False,
+        vae_tiling=True,
+        vae_slicing=True,
+        cpu_offload=True,
+    )
     with caplog.at_level(logging.WARNING, logger="privacy_firewall.backends.loading"):
         backend = SD3Backend.from_config(cfg)
     assert torch.cuda.is_available() or "cpu_offload ignored" in caplog.text
@@ -163,8 +215,15 @@ def test_loading_flags_and_from_config(tiny_dirs: dict[str, Path], caplog: pytes
     v = backend.velocity(z, 0.7, backend.encode_prompts(["skin"]))
     assert v.dtype == torch.float32 and torch.isfinite(v).all()
 
-    flux_cfg = SimpleNamespace(model_path=str(tiny_dirs["flux"]), dtype="fp32", device="cpu", drop_t5=True,
-                               vae_tiling=False, vae_slicing=False, cpu_offload=False)
+    flux_cfg = SimpleNamespace(
+        model_path=str(tiny_dirs["flux"]),
+        dtype="fp32",
+        device="cpu",
+        drop_t5=True,
+        vae_tiling=False,
+        vae_slicing=False,
+        cpu_offload=False,
+    )
     flux = FluxBackend.from_config(flux_cfg)
     assert flux.pipe.text_encoder_2 is not None  # FLUX cannot drop T5
     assert not flux.pipe.vae.use_tiling
@@ -193,9 +252,7 @@ def test_prompts_encoded_once_per_backend(kind: str, pipes: dict[str, Any]) -> N
     backend = _backend(kind, pipe)
     names = [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(pipe, n, None) is not None]
     calls = dict.fromkeys(names, 0)
-    hooks = [
-        getattr(pipe, n).register_forward_hook(lambda *_a, n=n: calls.__setitem__(n, calls[n] + 1)) for n in names
-    ]
+    hooks = [getattr(pipe, n).register_forward_hook(lambda *_a, n=n: calls.__setitem__(n, calls[n] + 1)) for n in names]
     try:
         first = backend.encode_prompts(["a face", "a red cheek", "a face"])
         assert all(c == 1 for c in calls.values()), calls  # one batched call per encoder
@@ -247,12 +304,28 @@ def test_backend_euler_matches_pipeline_sampling(kind: str, pipes: dict[str, Any
     pipe, backend = pipes[kind], _backend(kind, pipes[kind])
     steps, z0 = 4, _latents(1, 8, 8, seed=3)
     if kind == "sd3":
-        ref = pipe("a face", num_inference_steps=steps, guidance_scale=1.0, latents=z0.clone(), height=64,
-                   width=64, output_type="latent", max_sequence_length=SEQ).images
+        ref = pipe(
+            "a face",
+            num_inference_steps=steps,
+            guidance_scale=1.0,
+            latents=z0.clone(),
+            height=64,
+            width=64,
+            output_type="latent",
+            max_sequence_length=SEQ,
+        ).images
         guidance = None
     else:
-        ref = pipe("a face", num_inference_steps=steps, guidance_scale=3.5, latents=pack_latents(z0),
-                   height=64, width=64, output_type="latent", max_sequence_length=SEQ).images
+        ref = pipe(
+            "a face",
+            num_inference_steps=steps,
+            guidance_scale=3.5,
+            latents=pack_latents(z0),
+            height=64,
+            width=64,
+            output_type="latent",
+            max_sequence_length=SEQ,
+        ).images
         ref = unpack_latents(ref, 8, 8)
         guidance = torch.tensor([3.5])
     ts = backend.timesteps(steps, (64, 64))
@@ -368,7 +441,9 @@ def test_conditioning_rows_line_up(backend: SD3Backend | FluxBackend) -> None:
     cond = backend.encode_prompts(["x", "y"])
     assert isinstance(cond, Conditioning)
     picked = cond.index([1, 1, 0])
-    assert torch.equal(picked.embeds[0], cond.embeds[1]) and torch.equal(picked.extras["pooled"][2], cond.extras["pooled"][0])
+    assert torch.equal(picked.embeds[0], cond.embeds[1]) and torch.equal(
+        picked.extras["pooled"][2], cond.extras["pooled"][0]
+    )
 
 
 def test_saved_model_index_names_pipeline(tiny_dirs: dict[str, Path]) -> None:

@@ -7,6 +7,7 @@ and cost nothing. The weights ship with the package (``models/embedded``); a
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ class EmbeddedBackend(FlowBackend):
         self.model = model.to(device).eval()
         self.folder = folder
         self._device = torch.device(device)
+        self.fingerprint: str | None = None
 
     @classmethod
     def from_config(cls, backend_cfg) -> EmbeddedBackend:
@@ -33,7 +35,10 @@ class EmbeddedBackend(FlowBackend):
         device = getattr(backend_cfg, "device", "auto")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(load_flow_unet(folder), device=device, folder=folder)
+        backend = cls(load_flow_unet(folder), device=device, folder=folder)
+        # The cache key needs to know which weights made an image.
+        backend.fingerprint = hashlib.sha256((folder / "flow_unet.safetensors").read_bytes()).hexdigest()[:16]
+        return backend
 
     @property
     def working_size(self) -> int:

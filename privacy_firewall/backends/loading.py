@@ -185,25 +185,33 @@ def check_model_folder(path: str | os.PathLike[str], kind: str, skip: tuple[str,
 
 def resolve_model_folder(kind: str, model_path: str | os.PathLike[str] | None) -> Path:
     """A local folder for ``model_path``: the folder itself, or the snapshot of a
-    repo id in the offline Hugging Face cache. Never touches the network."""
+    repo id in the offline Hugging Face cache (None: the kind's default repo).
+    Never touches the network."""
+    import huggingface_hub.constants as hf_constants
+
     spec = str(model_path) if model_path is not None else DEFAULT_MODELS.get(kind, DEFAULT_MODELS[family(kind)])
     local = Path(spec).expanduser()
-    if local.is_dir():
-        return local
-    looked_for = [f"a local folder {local.resolve()}"]
-    if _REPO_ID.match(spec) and not spec.startswith((".", "~")):
+    looked_for: list[str] = []
+    if model_path is not None:
+        if local.is_dir():
+            return local
+        note = " (exists but is not a folder)" if local.exists() else ""
+        looked_for.append(f"a local folder {local.resolve()}{note}")
+    is_repo_id = bool(_REPO_ID.match(spec)) and not spec.startswith((".", "~"))
+    if is_repo_id:
         from huggingface_hub import snapshot_download
 
         try:
             with offline_mode():
                 return Path(snapshot_download(spec, local_files_only=True))
         except Exception as err:  # noqa: BLE001 - any cache miss means "not available offline"
-            looked_for.append(f"the repo {spec!r} in the offline Hugging Face cache ({type(err).__name__})")
-    if local.exists():
-        looked_for[0] += " (exists but is not a folder)"
+            looked_for.append(
+                f"the repo {spec!r} in the offline Hugging Face cache {hf_constants.HF_HUB_CACHE} ({type(err).__name__})"
+            )
+    unset = "backend.model_path is not set, so " if model_path is None else ""
     raise ModelNotFoundError(
-        f"{kind.upper()} weights not found: looked for {' and '.join(looked_for)}.\n"
-        f"{_how_to_provide(kind, spec if _REPO_ID.match(spec) else None)}"
+        f"{kind.upper()} weights not found: {unset}looked for {' and '.join(looked_for)}.\n"
+        f"{_how_to_provide(kind, spec if is_repo_id else None)}"
     )
 
 
@@ -257,7 +265,7 @@ def load_pipeline(
         pipe.vae.enable_tiling()
     if vae_slicing:
         pipe.vae.enable_slicing()
-    if cpu_offload:
+    if cpu_offload and torch.cuda.is_available():
         pipe.enable_model_cpu_offload(device=target if target.type == "cuda" else "cuda")
     else:
         if cpu_offload:

@@ -44,8 +44,9 @@ class SD3Backend(FlowBackend):
     def from_config(cls, backend_cfg: Any) -> SD3Backend:
         """Load from a config object with ``model_path``, ``dtype``, ``device``,
         ``drop_t5``, ``vae_tiling``, ``vae_slicing``, ``cpu_offload`` (and
-        optionally ``kind`` and ``max_sequence_length``), offline."""
-        kind = str(getattr(backend_cfg, "kind", None) or "sd3")
+        optionally ``name``/``kind`` such as ``"sd3.5"`` and ``max_sequence_length``),
+        offline."""
+        kind = str(getattr(backend_cfg, "kind", None) or getattr(backend_cfg, "name", None) or "sd3")
         if not kind.lower().startswith("sd3"):
             kind = "sd3"
         pipe = load_pipeline(

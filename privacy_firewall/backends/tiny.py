@@ -171,12 +171,30 @@ _SD3_LATENT_STATS = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
 _FLUX_LATENT_STATS = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
 
 # Real text-encoder sizes (CLIP ViT-L/14, OpenCLIP ViT-bigG/14, T5 v1.1 XXL).
-_CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-           "num_attention_heads": 12, "projection_dim": 768, "hidden_act": "quick_gelu"}
-_CLIP_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-           "num_attention_heads": 20, "projection_dim": 1280, "hidden_act": "gelu"}
-_T5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_layers": 24, "num_heads": 64,
-           "feed_forward_proj": "gated-gelu"}
+_CLIP_L = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+}
+_CLIP_G = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "projection_dim": 1280,
+    "hidden_act": "gelu",
+}
+_T5_XXL = {
+    "d_model": 4096,
+    "d_ff": 10240,
+    "d_kv": 64,
+    "num_layers": 24,
+    "num_heads": 64,
+    "feed_forward_proj": "gated-gelu",
+}
 
 
 # -- tokenizers ----------------------------------------------------------------------
@@ -331,8 +349,13 @@ def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     patch 2, 16 latent channels), two 2-layer CLIPs (hidden 8, projection 8), a
     1-layer T5 (d_model 16) and a VAE with the real 8x factor and 16 channels.
     ``joint_attention_dim`` = 16 >= 8 + 8 (the concatenated CLIP hidden sizes)."""
-    clip = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "projection_dim": 8}
+    clip = {
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "projection_dim": 8,
+    }
     t5 = {"d_model": 16, "d_ff": 32, "d_kv": 8, "num_layers": 1, "num_heads": 2}
     transformer = {
         "sample_size": 32,
@@ -356,8 +379,13 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> Flu
     16, rope axes (4, 6, 6)), 64 packed input channels, a 2-layer CLIP (hidden 8),
     a 1-layer T5 (d_model 16) and a VAE with the real 8x factor and 16 channels.
     ``guidance_embeds=True`` mimics the guidance-distilled FLUX.1-dev."""
-    clip = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "projection_dim": 8}
+    clip = {
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "projection_dim": 8,
+    }
     t5 = {"d_model": 16, "d_ff": 32, "d_kv": 8, "num_layers": 1, "num_heads": 2}
     transformer = {
         "patch_size": 1,
@@ -377,8 +405,13 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> Flu
 
 # -- real-size transformers (benchmarks) -------------------------------------------
 def _small_encoders(hidden: int, projection: int) -> dict[str, Any]:
-    return {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "projection_dim": projection}
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "projection_dim": projection,
+    }
 
 
 def build_random_sd3_pipeline(

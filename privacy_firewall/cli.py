@@ -1,0 +1,173 @@
+"""`privacy-firewall`: the hospital's de-identification tool.
+
+    privacy-firewall deidentify INPUT_DIR OUTPUT_DIR [key=value ...]
+    privacy-firewall calibrate OUTPUT_DIR [key=value ...]
+    privacy-firewall report OUTPUT_DIR
+    privacy-firewall evaluate --n 64 [--out DIR] [key=value ...]
+    privacy-firewall benchmark [--random-weights --architecture sd3-medium] [key=value ...]
+
+``key=value`` are Hydra overrides of conf/, e.g. ``backend=sd3
+backend.model_path=/models/sd3 firewall.target_guidance=7``.
+
+Exit codes: 0 every image succeeded; 1 some image failed (the others were still
+processed); 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _config(overrides: list[str]):
+    from privacy_firewall.config import load_config
+
+    return load_config(overrides)
+
+
+def _threads() -> None:
+    import os
+
+    import torch
+
+    torch.set_num_threads(max(1, int(os.environ.get("SKINFED_THREADS", os.cpu_count() or 1))))
+
+
+def cmd_deidentify(args) -> int:
+    from privacy_firewall.deidentify import deidentify_folder, summary_line
+
+    cfg = _config(args.overrides)
+    _threads()
+    report = deidentify_folder(args.input_dir, args.output_dir, cfg, progress=not args.quiet)
+    print(summary_line(report))
+    print(f"outputs in {args.output_dir} (manifest.local.csv links ids to files: never share it)", file=sys.stderr)
+    return EXIT_OK if report["cohort"]["failed"] == 0 else EXIT_FAILED
+
+
+def cmd_calibrate(args) -> int:
+    from privacy_firewall.deidentify import UsageError, deidentify_folder, summary_line
+
+    out = Path(args.output_dir)
+    marker = out / ".local" / "input_dir"
+    if not marker.is_file():
+        raise UsageError(f"{out} is not the output of `privacy-firewall deidentify` (no .local/input_dir)")
+    cfg = _config(["firewall.mask.threshold=auto", *args.overrides])
+    _threads()
+    # Everything comes from the firewall cache: only thresholds and masks are redone.
+    report = deidentify_folder(marker.read_text().strip(), out, cfg, progress=not args.quiet)
+    print(summary_line(report))
+    return EXIT_OK if report["cohort"]["failed"] == 0 else EXIT_FAILED
+
+
+def cmd_report(args) -> int:
+    from privacy_firewall.deidentify import UsageError, summary_line
+
+    path = Path(args.output_dir) / "report.json"
+    if not path.is_file():
+        raise UsageError(f"{path} not found: run `privacy-firewall deidentify INPUT_DIR {args.output_dir}` first")
+    report = json.loads(path.read_text())
+    c = report["cohort"]
+    print(f"images {c['images']}: ok {c['ok']}, failed {c['failed']}, duplicates {c['duplicates']}", file=sys.stderr)
+    print(f"theta = {c['theta']} ({c['theta_source']}, reference: {c['reference']})", file=sys.stderr)
+    for key in ("iou_vs_reference", "dice_vs_reference", "iou_orig_syn", "mask_fraction", "twin_bhattacharyya",
+                "twin_ks_statistic", "original_bhattacharyya", "original_ks_statistic", "seconds_per_image"):
+        s = c.get(key, {})
+        if s.get("n"):
+            print(f"  {key:24s} {s['mean']:.4f} +- {s['std']:.4f}  (n={s['n']})", file=sys.stderr)
+    for i, rec in report["images"].items():
+        if rec["status"] == "failed":
+            print(f"  failed {i}: {rec['reason']}", file=sys.stderr)
+    print(summary_line(report))
+    return EXIT_OK if c["failed"] == 0 else EXIT_FAILED
+
+
+def cmd_evaluate(args) -> int:
+    from privacy_firewall.evaluate import evaluate
+
+    cfg = _config(args.overrides)
+    _threads()
+    result = evaluate(cfg, n=args.n, out=Path(args.out), clinic_seed=args.clinic_seed, panels=args.panels)
+    print(json.dumps(result))
+    return EXIT_OK
+
+
+def cmd_benchmark(args) -> int:
+    from privacy_firewall.benchmark import benchmark
+
+    cfg = _config(args.overrides)
+    _threads()
+    result = benchmark(cfg, args)
+    print(json.dumps(result))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="privacy-firewall", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("deidentify", help="folder of photos in, surrogates + masks + report out")
+    p.add_argument("input_dir")
+    p.add_argument("output_dir")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, key=value")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_deidentify)
+
+    p = sub.add_parser("calibrate", help="recalibrate theta* and redo the masks of a deidentify output")
+    p.add_argument("output_dir")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("report", help="summarise a deidentify output's report.json")
+    p.add_argument("output_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("evaluate", help="score the firewall on held-out synthetic subjects")
+    p.add_argument("--n", type=int, default=64, help="held-out subjects")
+    p.add_argument("--out", default="runs/evaluate")
+    p.add_argument("--clinic-seed", type=int, default=777, help="seed of the held-out clinic")
+    p.add_argument("--panels", type=int, default=8, help="PNG panels to save")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("benchmark", help="NFE and speed of the firewall; last stdout line is JSON")
+    p.add_argument("--random-weights", action="store_true", help="build a random-weight model (no weights needed)")
+    p.add_argument("--architecture", choices=("tiny-sd3", "tiny-flux", "sd3-medium", "flux-dev"), default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--images", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_benchmark)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from privacy_firewall.config import ConfigError
+    from privacy_firewall.deidentify import UsageError
+
+    bad = [o for o in getattr(args, "overrides", []) if "=" not in o]
+    if bad:
+        parser.error(f"unexpected argument(s) {' '.join(bad)}: overrides are key=value (e.g. backend=sd3)")
+    try:
+        return args.func(args)
+    except (ConfigError, UsageError) as exc:
+        print(f"privacy-firewall: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as exc:  # missing weights and the like: say what to do
+        print(f"privacy-firewall: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
