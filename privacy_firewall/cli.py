@@ -70,8 +70,11 @@ def cmd_report(args) -> int:
     path = Path(args.output_dir) / "report.json"
     if not path.is_file():
         raise UsageError(f"{path} not found: run `privacy-firewall deidentify INPUT_DIR {args.output_dir}` first")
-    report = json.loads(path.read_text())
-    c = report["cohort"]
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        c = report["cohort"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"{path} cannot be read ({type(exc).__name__}): run deidentify again") from None
     print(f"images {c['images']}: ok {c['ok']}, failed {c['failed']}, duplicates {c['duplicates']}", file=sys.stderr)
     print(f"theta = {c['theta']} ({c['theta_source']}, reference: {c['reference']})", file=sys.stderr)
     for key in ("iou_vs_reference", "dice_vs_reference", "iou_orig_syn", "mask_fraction", "twin_bhattacharyya",
@@ -150,15 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (also when argparse refuses the arguments)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+        bad = [o for o in getattr(args, "overrides", []) if "=" not in o]
+        if bad:
+            parser.error(f"unexpected argument(s) {' '.join(bad)}: overrides are key=value (e.g. backend=sd3)")
+    except SystemExit as exc:  # argparse exits 2 on bad use, 0 after --help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from privacy_firewall.config import ConfigError
     from privacy_firewall.deidentify import UsageError
 
-    bad = [o for o in getattr(args, "overrides", []) if "=" not in o]
-    if bad:
-        parser.error(f"unexpected argument(s) {' '.join(bad)}: overrides are key=value (e.g. backend=sd3)")
     try:
         return args.func(args)
     except (ConfigError, UsageError) as exc:

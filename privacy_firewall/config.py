@@ -174,7 +174,7 @@ class ModelConfig:
 
 @dataclass
 class ClientResources:
-    num_cpus: float
+    num_cpus: int
     num_gpus: float
 
 
@@ -187,12 +187,15 @@ class FederationConfig:
     server_learning_rate: float
     fraction_train: float
     fraction_evaluate: float
-    min_available_hospitals: int
+    min_available_hospitals: Optional[int]
     partitioning: str
     skew_by: list[str]
     dirichlet_alpha: float
     client_resources: ClientResources
     round_timeout: float
+    connect_timeout: float
+    resume: Optional[str]
+    device: str
 
     def __post_init__(self) -> None:
         _positive("federation.num_hospitals", self.num_hospitals)
@@ -202,6 +205,21 @@ class FederationConfig:
         _positive("federation.dirichlet_alpha", self.dirichlet_alpha)
         for key in self.skew_by:
             _choice("federation.skew_by entry", key, ("skin_tone_group", "view", "sex"))
+        for name in ("fraction_train", "fraction_evaluate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"federation.{name}={getattr(self, name)} must be in [0, 1]")
+        _positive("federation.round_timeout", self.round_timeout)
+        if self.min_available_hospitals is not None and not 1 <= self.min_available_hospitals <= self.num_hospitals:
+            raise ConfigError(
+                f"federation.min_available_hospitals={self.min_available_hospitals} must be between 1 and "
+                f"federation.num_hospitals={self.num_hospitals} (or null for all)"
+            )
+
+    @property
+    def required_hospitals(self) -> int:
+        return self.min_available_hospitals or self.num_hospitals
+        _positive("federation.client_resources.num_cpus", self.client_resources.num_cpus)
+        _positive("federation.client_resources.num_gpus", self.client_resources.num_gpus, allow_zero=True)
 
 
 @dataclass
@@ -271,3 +289,14 @@ def to_config(cfg: DictConfig) -> Config:
 def load_config(overrides: str | list[str] | None = None) -> Config:
     """The project's configuration with ``overrides`` applied, typed and checked."""
     return to_config(compose(overrides))
+
+
+def load_run_config(run_config: Any = None) -> Config:
+    """The configuration of a Flower run: ``$SKINFED_OVERRIDES`` (for containers
+    and tests), then the run config's ``overrides`` string (``flwr run .
+    --run-config 'overrides="federation.num_rounds=5"'``), later ones winning."""
+    import os
+
+    overrides = parse_overrides(os.environ.get("SKINFED_OVERRIDES", ""))
+    overrides += parse_overrides(str((run_config or {}).get("overrides", "") or ""))
+    return load_config(overrides)

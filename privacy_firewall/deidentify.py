@@ -18,6 +18,11 @@ Output (``OUT``)::
 
 Ids are HMACs of the decoded pixels under a random salt kept in ``.local``:
 never derived from file names, stable across a resumed run.
+
+A rerun into the same ``OUT`` resumes: finished edits come from the firewall cache,
+temporary files of a killed run are removed, and per-image outputs of photos that
+failed (or left the input folder) are deleted, so ``OUT`` holds surrogates and masks
+of this run's ``ok`` images only.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ log = logging.getLogger(__name__)
 
 SIDECARS = {"metadata.csv", "manifest.local.csv", "report.json", "thumbs.db", "desktop.ini"}
 MANIFEST = "manifest.local.csv"
+#: Output folders holding one ``<id>.png`` per image whose status is ok.
+PER_ID_FOLDERS = ("surrogates", "healthy", "masks", "panels", ".local/reference")
 
 
 class UsageError(ValueError):
@@ -76,13 +83,15 @@ def discover(input_dir: str | Path) -> list[Source]:
     sexes: dict[str, str] = {}
     meta = root / "metadata.csv"
     if meta.is_file():
-        with open(meta, newline="", encoding="utf-8", errors="replace") as f:
+        with open(meta, newline="", encoding="utf-8-sig", errors="replace") as f:
             for row in csv.DictReader(f):
                 stem = row.get("stem") or Path(row.get("file", "")).stem
                 if stem and row.get("sex"):
                     sexes[stem] = row["sex"]
+    # Everything but folders and hidden files: a broken link or a pipe is listed as
+    # failed with its reason rather than silently left out.
     files = sorted(
-        (p for p in images_dir.iterdir() if p.is_file() and not p.name.startswith(".") and p.name.lower() not in SIDECARS),
+        (p for p in images_dir.iterdir() if not p.is_dir() and not p.name.startswith(".") and p.name.lower() not in SIDECARS),
         key=lambda p: p.name,
     )
     if not files:
@@ -202,6 +211,43 @@ def _sanitised_config(cfg: Config) -> dict:
     return d
 
 
+def check_folders(input_dir: str | Path, output_dir: str | Path) -> None:
+    """UsageError unless the output folder can be written apart from the input."""
+    inp, out = Path(input_dir).resolve(), Path(output_dir).resolve()
+    if out == inp:
+        raise UsageError("the output folder must differ from the input folder")
+    if out.is_relative_to(inp):
+        raise UsageError(f"the output folder {output_dir} is inside the input folder {input_dir}: put it elsewhere")
+    if inp.is_relative_to(out):
+        raise UsageError(f"the input folder {input_dir} is inside the output folder {output_dir}: put it elsewhere")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"the output {output_dir} exists and is not a folder")
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete the temporary files a killed run left behind (atomic writes and figures)."""
+    for sub in ("", "figures", ".local", *PER_ID_FOLDERS):
+        folder = out / sub
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if p.is_file() and p.name.startswith(".") and p.name.endswith((".tmp", ".partial.png")):
+                    p.unlink(missing_ok=True)
+
+
+def remove_outputs_not_ok(out: Path, entries: list[Entry]) -> None:
+    """Fail closed: only ids whose status is ok in this run keep per-image outputs.
+
+    An image that failed now (or left the input folder) loses what an earlier run
+    wrote for it, so an old surrogate can never be mistaken for a valid one."""
+    ok = {e.id for e in entries if e.status == "ok"}
+    for sub in PER_ID_FOLDERS:
+        folder = out / sub
+        if folder.is_dir():
+            for p in folder.glob("*.png"):
+                if p.stem not in ok:
+                    p.unlink(missing_ok=True)
+
+
 def deidentify_folder(input_dir: str | Path, output_dir: str | Path, cfg: Config,
                       firewall: PrivacyFirewall | None = None, progress: bool = True) -> dict:
     """Run the firewall on every photo of ``input_dir``; returns the report."""
@@ -209,14 +255,17 @@ def deidentify_folder(input_dir: str | Path, output_dir: str | Path, cfg: Config
 
     out = Path(output_dir)
     sources = discover(input_dir)
-    if out.resolve() == Path(input_dir).resolve():
-        raise UsageError("the output folder must differ from the input folder")
-    for sub in ("surrogates", "healthy", "masks", "panels", "figures", ".local/reference"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    check_folders(input_dir, out)
+    firewall = firewall or PrivacyFirewall(cfg)  # missing weights: fail before writing anything
+    try:
+        for sub in ("figures", *PER_ID_FOLDERS):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the output folder {output_dir} ({exc.strerror or exc})") from None
+    remove_stale_temporaries(out)
     salt = load_salt(out)
     # Remembered locally so `privacy-firewall calibrate OUT` can redo the masks.
     atomic_write_bytes(out / ".local" / "input_dir", str(Path(input_dir).resolve()).encode())
-    firewall = firewall or PrivacyFirewall(cfg)
     t0 = time.time()
 
     entries: list[Entry] = []
@@ -229,7 +278,12 @@ def deidentify_folder(input_dir: str | Path, output_dir: str | Path, cfg: Config
     def flush() -> None:
         if not batch:
             return
-        twins = firewall.run([b[1] for b in batch])
+        try:
+            twins = firewall.run([b[1] for b in batch])
+        except Exception as exc:  # fail closed: this batch fails, the others go on
+            log.exception("firewall failed on a batch")
+            reason = f"firewall failed: {type(exc).__name__}: {exc}"[:300]
+            twins = [TwinResult(status="failed", reason=reason) for _ in batch]
         for (i, _req, src), res in zip(batch, twins):
             entries[i].status, entries[i].reason = res.status, res.reason
             results[i] = res
@@ -238,7 +292,7 @@ def deidentify_folder(input_dir: str | Path, output_dir: str | Path, cfg: Config
                     ground_truth[i] = load_reference_mask(src.mask_path, res.surrogate.shape[:2])
                 except ImageRejected as exc:
                     log.warning("%s", exc.reason)
-            if res.ok:
+            if res.ok:  # masks and panels come in finish(), once theta is known
                 write_png(out / "surrogates" / f"{entries[i].id}.png", res.surrogate)
                 write_png(out / "healthy" / f"{entries[i].id}.png", res.healthy_twin)
             originals[i] = res.original
@@ -272,10 +326,18 @@ def deidentify_folder(input_dir: str | Path, output_dir: str | Path, cfg: Config
 
 
 def _file_digest(path: Path) -> bytes:
+    """SHA-256 of a regular file's bytes (streamed); random for anything unreadable,
+    so a pipe or device in the input folder is never opened (it could block)."""
+    h = hashlib.sha256()
     try:
-        return hashlib.sha256(path.read_bytes()).digest()
+        if not path.is_file():
+            return secrets.token_bytes(16)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
     except OSError:
         return secrets.token_bytes(16)
+    return h.digest()
 
 
 def finish(out: Path, cfg: Config, entries: list[Entry], results: list[TwinResult],
@@ -283,6 +345,8 @@ def finish(out: Path, cfg: Config, entries: list[Entry], results: list[TwinResul
     """Calibrate, write masks/panels/figures, the manifest and report.json."""
     from privacy_firewall import figures
 
+    for old in (out / "figures").glob("*.png"):  # an earlier run's figures may show images that failed now
+        old.unlink(missing_ok=True)
     cm = cohort_masks(results, ground_truth, cfg)
     for e, res, mask, ref, orig in zip(entries, results, cm.masks, cm.references, originals):
         if not res.ok:
@@ -355,10 +419,14 @@ def finish(out: Path, cfg: Config, entries: list[Entry], results: list[TwinResul
                        "ks_statistic": cohort["twin_ks_statistic"].get("mean", float("nan"))}))
         figures.histogram_figure(pairs, out / "figures" / "a_star_histograms.png")
 
+    remove_outputs_not_ok(out, entries)
     write_manifest(out, entries)
+    images: dict[str, dict] = {}
+    for e in entries:  # the first row of an id wins: a later duplicate must not hide its status
+        images.setdefault(e.id, {"status": e.status, "reason": e.reason, **e.stats})
     report = {
         "cohort": cohort,
-        "images": {e.id: {"status": e.status, "reason": e.reason, **e.stats} for e in entries},
+        "images": images,
         "calibration": {k: v for k, v in calibration.items() if k not in ("thresholds", "iou_curve")},
         "config": _sanitised_config(cfg),
     }

@@ -6,6 +6,8 @@ metadata kept, or raises :class:`ImageRejected` with a reason a person can act o
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +39,7 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit or float grey: scale the used range to 8 bits.
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         top = 65535.0 if mode.startswith("I;16") else max(float(arr.max()), 1.0)
         grey = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
@@ -49,14 +51,29 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
+def _detail(exc: BaseException, path: Path) -> str:
+    """An exception's message without the file's path or name (reasons go into the
+    shareable report, and a file name can identify a patient)."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    for name in sorted({str(path), os.path.abspath(path), path.name}, key=len, reverse=True):
+        if name:
+            text = text.replace(name, "<file>")
+    return text or type(exc).__name__
+
+
 def load_photo(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """A photo file as RGB uint8 (H, W, 3), orientation applied, metadata dropped."""
+    """A photo file as RGB uint8 (H, W, 3), orientation applied, metadata dropped.
+
+    Raises :class:`ImageRejected` for anything else; its reason never contains the
+    file's path or name."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except OSError as exc:
-        raise ImageRejected(f"cannot read the file ({exc.strerror})") from None
-    if size == 0:
+        raise ImageRejected(f"cannot read the file ({_detail(exc, path)})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageRejected("not a regular file (a device, pipe or socket)")
+    if st.st_size == 0:
         raise ImageRejected("empty file (0 bytes)")
     old_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
@@ -73,11 +90,15 @@ def load_photo(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected(f"refused as a possible decompression bomb ({exc})") from None
+        raise ImageRejected(f"refused as a possible decompression bomb ({_detail(exc, path)})") from None
     except UnidentifiedImageError:
         raise ImageRejected("not an image, or a format that cannot be read (use JPEG, PNG, TIFF or WebP)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageRejected(f"truncated or corrupt image ({exc})") from None
+    except PermissionError as exc:
+        raise ImageRejected(f"cannot read the file ({_detail(exc, path)})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageRejected(f"truncated or corrupt image ({_detail(exc, path)})") from None
+    except Exception as exc:  # a decoder bug must not stop the batch: refuse this photo only
+        raise ImageRejected(f"corrupt or unsupported image ({type(exc).__name__}: {_detail(exc, path)})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = old_limit
     h, w = rgb.shape[:2]
@@ -132,6 +153,7 @@ def to_tensor_batch(images: list[np.ndarray]):
 
 
 def to_uint8_images(batch) -> list[np.ndarray]:
-    """float tensor (B, 3, H, W) in [0, 1] -> uint8 (H, W, 3) images."""
-    arr = (batch.detach().float().clamp(0, 1) * 255.0 + 0.5).to("cpu").numpy().astype(np.uint8)
+    """float tensor (B, 3, H, W) in [0, 1] -> uint8 (H, W, 3) images. NaN becomes 0 only
+    to keep the cast defined: the firewall refuses non-finite edits by its own check."""
+    arr = (batch.detach().float().nan_to_num(0.0).clamp(0, 1) * 255.0 + 0.5).to("cpu").numpy().astype(np.uint8)
     return [np.ascontiguousarray(a.transpose(1, 2, 0)) for a in arr]

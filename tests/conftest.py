@@ -23,3 +23,34 @@ def tiny_embedded_backend():
     # The output layer starts at zero; give it weights so velocities depend on the input.
     torch.nn.init.normal_(model.out.weight, std=0.1)
     return EmbeddedBackend(model)
+
+
+@pytest.fixture(scope="session")
+def tiny_embedded_dir(tmp_path_factory, tiny_embedded_backend):
+    """The tiny random-weight embedded model saved as a weights folder
+    (``backend.model_path``), with an untrained attribute classifier."""
+    from models.attribute_classifier import AttributeClassifier, save_classifier
+    from models.flow_unet import save_flow_unet
+
+    folder = tmp_path_factory.mktemp("tiny_embedded")
+    save_flow_unet(tiny_embedded_backend.model, folder)
+    save_classifier(AttributeClassifier(width=8), folder, {})
+    return folder
+
+
+#: Overrides that make every stage tiny: 16-px faces, 4 FlowEdit steps, a small U-Net.
+TINY_OVERRIDES = [
+    "firewall.steps=4", "firewall.n_max=3", "data.image_size=32", "data.num_subjects=12",
+    "data.holdout_subjects=4", "model.encoder=resnet18", "model.encoder_depth=3",
+    "model.decoder_channels=[16,8,4]", "model.local_epochs=1", "model.batch_size=8",
+]
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_embedded_dir, monkeypatch):
+    """A full configuration on the tiny model, writing under ``tmp_path``."""
+    from privacy_firewall.config import load_config
+
+    monkeypatch.setenv("SKINFED_HOME", str(tmp_path / "home"))
+    overrides = [f"backend.model_path={tiny_embedded_dir}", *TINY_OVERRIDES]
+    return load_config(overrides), overrides

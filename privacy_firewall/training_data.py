@@ -1,0 +1,84 @@
+"""The only door from the privacy firewall to a trainer.
+
+A trainer accepts :class:`DeidentifiedPair` objects and nothing else, and those
+can only be made here, from a firewall output folder (``privacy-firewall
+deidentify`` or the Flower client's run of it): a surrogate whose report status
+is ``ok`` and its differential mask. A raw photo, an array or a path cannot be
+turned into a pair, so raw patient pixels cannot reach training by mistake.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+_FIREWALL_TOKEN = object()  # only this module holds it
+
+
+class NotDeidentifiedError(TypeError):
+    """Something other than a firewall output was offered to a trainer."""
+
+
+@dataclass(frozen=True)
+class DeidentifiedPair:
+    """A synthetic surrogate (RGB uint8) and its differential mask (bool)."""
+
+    id: str
+    surrogate: np.ndarray
+    mask: np.ndarray
+    _token: object = None
+
+    def __post_init__(self) -> None:
+        if self._token is not _FIREWALL_TOKEN:
+            raise NotDeidentifiedError(
+                "DeidentifiedPair can only be loaded from a privacy-firewall output folder "
+                "with load_deidentified(); raw images cannot be used for training"
+            )
+        self.surrogate.setflags(write=False)
+        self.mask.setflags(write=False)
+
+
+def require_deidentified(pairs: object) -> list[DeidentifiedPair]:
+    """``pairs`` as a list, or NotDeidentifiedError if any item is not a firewall pair."""
+    if isinstance(pairs, (str, Path, np.ndarray)) or not hasattr(pairs, "__iter__"):
+        raise NotDeidentifiedError(
+            f"a trainer takes DeidentifiedPair objects from load_deidentified(), not {type(pairs).__name__}"
+        )
+    out = list(pairs)  # type: ignore[call-overload]
+    for p in out:
+        if not isinstance(p, DeidentifiedPair):
+            raise NotDeidentifiedError(
+                f"a trainer takes DeidentifiedPair objects from load_deidentified(), not {type(p).__name__}"
+            )
+    return out
+
+
+def deidentified_ids(firewall_output: str | Path) -> list[str]:
+    """Ids whose firewall status is ok, in report order."""
+    out = Path(firewall_output)
+    report_path = out / "report.json"
+    if not report_path.is_file():
+        raise NotDeidentifiedError(
+            f"{out} is not a privacy-firewall output (no report.json): run the firewall on the photos first"
+        )
+    report = json.loads(report_path.read_text())
+    return [i for i, rec in report.get("images", {}).items() if rec.get("status") == "ok"]
+
+
+def load_deidentified(firewall_output: str | Path, ids: list[str] | None = None) -> list[DeidentifiedPair]:
+    """The (surrogate, mask) pairs of a firewall output folder, for ids whose status is ok."""
+    from synthetic_clinic.clinic import read_mask, read_rgb
+
+    out = Path(firewall_output)
+    ok = deidentified_ids(out)
+    wanted = ok if ids is None else [i for i in ids if i in set(ok)]
+    pairs = []
+    for i in wanted:
+        surrogate, mask = out / "surrogates" / f"{i}.png", out / "masks" / f"{i}.png"
+        if not (surrogate.is_file() and mask.is_file()):
+            continue  # fail closed: an incomplete entry is not trained on
+        pairs.append(DeidentifiedPair(i, read_rgb(surrogate), read_mask(mask) > 0, _FIREWALL_TOKEN))
+    return pairs
