@@ -97,16 +97,32 @@ def train(
     seed: int = 0,
     proximal_mu: float = 0.0,
 ) -> dict[str, float]:
-    """Train on de-identified pairs; returns ``train_loss`` (mean of the last
-    epoch) and ``num_examples``. ``proximal_mu`` > 0 adds FedProx's proximal
-    term towards the weights the model had on entry."""
+    """Train on de-identified pairs (and nothing else); returns ``train_loss``
+    (mean of the last epoch) and ``num_examples``. ``proximal_mu`` > 0 adds
+    FedProx's proximal term towards the weights the model had on entry."""
     pairs = require_deidentified(pairs)
     if not pairs:
         raise ValueError("no de-identified pairs to train on")
+    x = to_batch([p.surrogate for p in pairs])
+    y = torch.from_numpy(np.stack([p.mask for p in pairs])).float()[:, None]
+    return _fit(model, x, y, cfg, epochs, device, seed, proximal_mu)
+
+
+def train_centralised_baseline(model: nn.Module, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                               cfg: ModelConfig, epochs: int, device: str | torch.device = "cpu",
+                               seed: int = 0) -> dict[str, float]:
+    """Train on raw images, bypassing the firewall: only for the no-privacy
+    upper bounds of scripts/compare_privacy_cost.py. Hospitals use ``train``."""
+    x = to_batch(list(images))
+    y = torch.from_numpy(np.stack(masks)).float()[:, None]
+    return _fit(model, x, y, cfg, epochs, device, seed, 0.0)
+
+
+def _fit(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, cfg: ModelConfig, epochs: int | None,
+         device: str | torch.device, seed: int, proximal_mu: float) -> dict[str, float]:
     device = torch.device(device)
     model.to(device).train()
-    x_all = to_batch([p.surrogate for p in pairs])
-    y_all = torch.from_numpy(np.stack([p.mask for p in pairs])).float()[:, None]
+    n = x_all.shape[0]
     generator = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     criterion = SegmentationLoss(cfg.dice_weight, cfg.bce_weight)
@@ -114,8 +130,8 @@ def train(
     losses: list[float] = []
     for _ in range(epochs if epochs is not None else cfg.local_epochs):
         losses = []
-        order = torch.randperm(len(pairs), generator=generator)
-        for start in range(0, len(pairs), cfg.batch_size):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
             x, y = x_all[idx], y_all[idx]
             if cfg.augment:
@@ -130,7 +146,7 @@ def train(
             loss.backward()
             optimiser.step()
             losses.append(float(loss.detach()))
-    return {"train_loss": float(np.mean(losses)), "num_examples": len(pairs)}
+    return {"train_loss": float(np.mean(losses)), "num_examples": n}
 
 
 def _has_batchnorm(model: nn.Module) -> bool:

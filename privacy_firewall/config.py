@@ -300,3 +300,16 @@ def load_run_config(run_config: Any = None) -> Config:
     overrides = parse_overrides(os.environ.get("SKINFED_OVERRIDES", ""))
     overrides += parse_overrides(str((run_config or {}).get("overrides", "") or ""))
     return load_config(overrides)
+
+
+def load_saved_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """A run's saved ``config.yaml`` (plus ``key=value`` overrides); the paths are
+    this machine's, from the current configuration."""
+    try:
+        saved = OmegaConf.load(path)
+        saved.paths = compose([]).paths
+        if overrides:
+            saved = OmegaConf.merge(saved, OmegaConf.from_dotlist(parse_overrides(overrides)))
+    except (OSError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"cannot read the saved configuration {path}: {exc}") from None
+    return to_config(saved)

@@ -89,33 +89,118 @@ def threshold_grid(maximum: float = 60.0, step: float = 0.25) -> np.ndarray:
     return np.arange(0.0, maximum + step / 2, step, dtype=np.float64)
 
 
-def _counts_above(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """For each threshold, how many values are strictly above it. One pass:
-    each value is placed among the sorted thresholds, then a reverse cumulative
-    histogram counts, for threshold j, every value placed after it."""
-    # searchsorted(side="left") = number of thresholds strictly below the value,
-    # i.e. the value is > thresholds[j] exactly for j < position.
-    position = np.searchsorted(thresholds, values.ravel(), side="left")
-    hist = np.bincount(position, minlength=len(thresholds) + 1)
-    return hist[::-1].cumsum()[::-1][1:]
+#: Pixels per pass of the histogram: the scratch buffers stay in the CPU cache.
+_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How to place values of one dtype among sorted thresholds t_0..t_{n-1}.
+
+    The position of a value v is ``#{j : t_j < v}`` (so v > t_j exactly for
+    j < position; NaN is never above a threshold: position 0).
+
+    * ``exact``: t_j = t_0 + j * step with step a power of two <= 1 and t_0 a
+      multiple of it (the default grid): ``v / step - t_0 / step`` is exact in
+      floating point, so the position is ``clip(ceil(...), 0, n)``.
+    * ``fixup``: a near-uniform grid. ``rint((v - t_0) / step)`` is the position
+      or one less, and one exact comparison with the threshold it points at decides.
+    * ``search``: anything else, by binary search.
+    """
+
+    mode: str
+    dtype: np.dtype
+    scale: float = 1.0
+    offset: float = 0.0
+    edges: np.ndarray | None = None  # fixup: thresholds in ``dtype``, rounded down, then +inf
+
+
+def _plan(thresholds: np.ndarray, dtype: np.dtype) -> _Plan:
+    t = thresholds
+    n = len(t)
+    if n < 2 or not np.all(np.isfinite(t)):
+        return _Plan("search", dtype)
+    t0, step = float(t[0]), float(t[1] - t[0])
+    if 0 < step <= 1 and np.frexp(step)[0] == 0.5 and float(t0 / step).is_integer() \
+            and abs(t0 / step) + n < 2**22 and np.array_equal(t, t0 + step * np.arange(n)):
+        return _Plan("exact", dtype, scale=1.0 / step, offset=t0 / step)
+    step = float(t[-1] - t[0]) / (n - 1)
+    if step > 0 and (abs(t0) + abs(float(t[-1]))) / step < 2**18 \
+            and np.max(np.abs(t - (t0 + step * np.arange(n)))) <= step / 8:
+        # v > t exactly  <=>  v > (the largest value of ``dtype`` that is <= t)
+        edges = t.astype(dtype)
+        edges = np.where(edges.astype(np.float64) > t, np.nextafter(edges, dtype.type(-np.inf)), edges)
+        return _Plan("fixup", dtype, scale=1.0 / step, offset=t0 / step,
+                     edges=np.append(edges, dtype.type(np.inf)).astype(dtype))
+    return _Plan("search", dtype)
+
+
+def _position_histogram(values: np.ndarray, ref: np.ndarray, thresholds: np.ndarray, plan: _Plan) -> np.ndarray:
+    """(2, n + 1) counts of positions among the thresholds (see :class:`_Plan`):
+    row 0 for pixels outside the reference mask, row 1 for pixels inside.
+    Chunked, with every operation written into reused buffers."""
+    n = len(thresholds)
+    v, r = values.reshape(-1), ref.reshape(-1)
+    hist = np.zeros(2 * (n + 1), np.int64)
+    size = min(_CHUNK, v.size)
+    q_buf, g_buf = np.empty(size, plan.dtype), np.empty(size, np.intp)
+    if plan.mode == "fixup":
+        e_buf, a_buf = np.empty(size, plan.dtype), np.empty(size, bool)
+    scale, offset = plan.dtype.type(plan.scale), plan.dtype.type(plan.offset)
+    for start in range(0, v.size, _CHUNK):
+        vs, rs = v[start : start + _CHUNK], r[start : start + _CHUNK]
+        m = vs.size
+        g = g_buf[:m]
+        if plan.mode == "search":
+            g[:] = np.searchsorted(thresholds, vs, side="left")
+            g[np.isnan(vs)] = 0
+        else:
+            q = q_buf[:m]
+            np.multiply(vs, scale, out=q)
+            if plan.offset:
+                np.subtract(q, offset, out=q)
+            (np.ceil if plan.mode == "exact" else np.rint)(q, out=q)
+            np.fmax(q, 0, out=q)  # fmax, not maximum: NaN becomes 0
+            np.minimum(q, n, out=q)
+            np.copyto(g, q, casting="unsafe")
+            if plan.mode == "fixup":
+                np.take(plan.edges, g, out=e_buf[:m])
+                np.greater(vs, e_buf[:m], out=a_buf[:m])
+                g += a_buf[:m]
+        np.add(g, n + 1, out=g, where=rs)
+        hist += np.bincount(g, minlength=2 * (n + 1))
+    return hist.reshape(2, n + 1)
 
 
 def iou_curves(
     differences: list[np.ndarray], references: list[np.ndarray], thresholds: np.ndarray
 ) -> np.ndarray:
     """IoU(reference, difference > theta) for every image and threshold at once:
-    shape (n_images, n_thresholds). ``thresholds`` must be sorted ascending."""
+    shape (n_images, n_thresholds); the same numbers as :func:`iou` per threshold.
+
+    One pass per image: each pixel is placed among the (sorted) thresholds, and
+    reverse cumulative histograms of the positions, inside and outside the
+    reference, count for every threshold the pixels above it."""
     if len(differences) != len(references):
         raise ValueError("need one reference mask per difference map")
+    thresholds = np.asarray(thresholds, np.float64).reshape(-1)
+    order = np.argsort(thresholds, kind="stable")
+    ordered = thresholds[order]
+    plans: dict[np.dtype, _Plan] = {}
     curves = np.empty((len(differences), len(thresholds)))
     for i, (d, ref) in enumerate(zip(differences, references)):
+        d, ref = np.asarray(d), np.asarray(ref, dtype=bool)
         if d.shape != ref.shape:
             raise ValueError(f"difference {d.shape} and reference {ref.shape} differ in shape")
-        ref = ref.astype(bool)
-        inside = _counts_above(d[ref], thresholds)  # |M(theta) and ref|
-        outside = _counts_above(d[~ref], thresholds)  # |M(theta) minus ref|
-        union = ref.sum() + outside
-        curves[i] = np.where(union > 0, inside / np.maximum(union, 1), 1.0)
+        if d.dtype not in (np.float32, np.float64):
+            d = d.astype(np.float64)  # exact for integers, bools and float16
+        if d.dtype not in plans:
+            plans[d.dtype] = _plan(ordered, d.dtype)
+        hist = _position_histogram(d, ref, ordered, plans[d.dtype])
+        # pixels placed after threshold j are the ones above it
+        outside, inside = (h[::-1].cumsum()[::-1][1:] for h in hist)  # |M(theta) - ref|, |M(theta) & ref|
+        union = hist[1].sum() + outside
+        curves[i, order] = np.where(union > 0, inside / np.maximum(union, 1), 1.0)
     return curves
 
 

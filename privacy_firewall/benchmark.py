@@ -1,0 +1,340 @@
+"""`privacy-firewall benchmark`: model evaluations, time and memory of the firewall.
+
+    privacy-firewall benchmark                                   # the configured backend and weights
+    privacy-firewall benchmark backend.model_path=/path/to/embedded
+    privacy-firewall benchmark --random-weights --architecture tiny-sd3 --height 64 --width 64
+    privacy-firewall benchmark --random-weights --architecture sd3-medium   # full size: needs a GPU
+
+The backend is the configured one (``backend=...`` and its weights), or with
+``--random-weights`` a model with random weights: ``--architecture`` tiny-sd3 /
+tiny-flux (about 1 MB, CPU, seconds: plumbing and NFE accounting), sd3-medium /
+flux-dev (the real transformer sizes, 2 B / 12 B parameters: CUDA only), or
+without ``--architecture`` the configured backend's own architecture (the
+embedded U-Net, sd3-medium or flux-dev). An SD3/FLUX architecture brings the
+FlowEdit defaults of ``conf/backend/sd3.yaml`` / ``flux.yaml`` unless a
+``backend=`` override is given.
+
+``--images`` synthetic-clinic photos at ``--height`` x ``--width`` (default: the
+backend's working size; 256 for the tiny architectures) go through FlowEdit with
+the configured settings, in batches of ``firewall.batch_size``, and the backend's
+NFE counter measures, per image:
+
+* ``nfe_single_edit``: one target (the surrogate);
+* ``nfe_twin_pair``: surrogate and healthy twin in one traversal, sharing the
+  source branch;
+* ``nfe_twin_pair_separate``: the same two edits run one after the other;
+* ``nfe_saving``: ``nfe_twin_pair_separate / nfe_twin_pair`` (and
+  ``nfe_saving_fraction`` = 1 - pair / separate).
+
+``seconds_per_image`` is the median over ``--repeats`` of the firewall's work per
+photo (encode, FlowEdit with the configured targets, i.e. with the original's
+healthy twin when ``firewall.original_healthy_twin``, decode); prompts are encoded
+beforehand, as in a running firewall. Memory: ``peak_rss_mb`` (the process's
+maximum resident set), ``peak_cuda_mb`` on CUDA. The result is a flat dict; the
+CLI prints it as JSON on the last stdout line. A progress bar goes to stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import statistics
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from privacy_firewall.backends import FlowBackend, load_backend
+from privacy_firewall.config import Config, load_config
+from privacy_firewall.flowedit import FlowEditSettings, flowedit
+from privacy_firewall.images import to_tensor_batch
+
+log = logging.getLogger(__name__)
+
+#: --architecture -> (backend family, full size?)
+ARCHITECTURES: dict[str, tuple[str, bool]] = {
+    "tiny-sd3": ("sd3", False),
+    "tiny-flux": ("flux", False),
+    "sd3-medium": ("sd3", True),
+    "flux-dev": ("flux", True),
+}
+#: --random-weights without --architecture: the configured backend's architecture.
+DEFAULT_RANDOM_ARCHITECTURE = {"embedded": "embedded", "sd3": "sd3-medium", "flux": "flux-dev"}
+#: Default working size of the tiny architectures (the tiny SD3 transformer's native 32 x 8).
+TINY_SIZE = 256
+SEX_WORDS = {"female": "woman", "male": "man"}
+
+
+def _usage_error(message: str) -> Exception:
+    from privacy_firewall.deidentify import UsageError
+
+    return UsageError(message)
+
+
+# -- the backend ------------------------------------------------------------------------
+def _explicit(overrides: list[str], key: str) -> bool:
+    return any(o.split("=", 1)[0].lstrip("+~") == key for o in overrides)
+
+
+def _weights_gib(pipe_or_model: Any, dtype: torch.dtype) -> float:
+    modules = getattr(pipe_or_model, "components", {"model": pipe_or_model})
+    params = sum(p.numel() for m in modules.values() if isinstance(m, torch.nn.Module) for p in m.parameters())
+    return params * torch.empty((), dtype=dtype).element_size() / 2**30
+
+
+def _check_full_size_fits(architecture: str, device: torch.device, dtype: torch.dtype) -> float:
+    """Refuse a full-size random model without a GPU that can hold it; returns its
+    weights' size in GiB (measured on the meta device: nothing is allocated)."""
+    from privacy_firewall.backends.tiny import build_random_flux_pipeline, build_random_sd3_pipeline
+
+    build = build_random_sd3_pipeline if ARCHITECTURES[architecture][0] == "sd3" else build_random_flux_pipeline
+    gib = _weights_gib(build(architecture, dtype=dtype, device="meta"), dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
+    need = gib * 1.15 + 2.0  # weights, plus room for the activations of a batch
+    if device.type != "cuda":
+        why = "no CUDA device is available" if not torch.cuda.is_available() else f"backend.device is {device}"
+        raise _usage_error(
+            f"--architecture {architecture} builds the full-size model with random weights: {gib:.1f} GiB of "
+            f"weights in {dtype_name} plus activations, which needs a CUDA GPU with at least about {need:.0f} GiB "
+            f"of memory, and {why}. On this machine use --architecture tiny-sd3 or tiny-flux (CPU, seconds)."
+        )
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if total < gib * 1.05:
+        raise _usage_error(
+            f"--architecture {architecture}: {gib:.1f} GiB of weights in {dtype_name} do not fit on {device} "
+            f"({total:.1f} GiB); use a larger GPU or backend.dtype=bf16."
+        )
+    if total < need:
+        log.warning("%s on %s (%.0f GiB): it may run out of memory; lower firewall.batch_size if it does",
+                    architecture, device, total)
+    return gib
+
+
+def build_backend(
+    cfg: Config, random_weights: bool, architecture: str | None, tiny_dtype: str | None = None
+) -> tuple[FlowBackend, str, str]:
+    """The backend to measure: (backend, architecture, weights) with weights
+    ``"pretrained"`` or ``"random"``. The tiny architectures run in fp32 unless
+    ``tiny_dtype`` is given."""
+    from privacy_firewall.backends.loading import resolve_device, resolve_dtype
+
+    if not random_weights:
+        return load_backend(cfg.backend), cfg.backend.name, "pretrained"
+    device = resolve_device(cfg.backend.device)
+    if architecture == "embedded":
+        from models.flow_unet import FlowUNet, FlowUNetConfig
+        from privacy_firewall.backends.embedded import EmbeddedBackend
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = FlowUNet(FlowUNetConfig(image_size=cfg.backend.working_size))
+        return EmbeddedBackend(model, device=device), architecture, "random"
+
+    from privacy_firewall.backends import tiny
+    from privacy_firewall.backends.flux import FluxBackend
+    from privacy_firewall.backends.sd3 import SD3Backend
+
+    fam, full_size = ARCHITECTURES[architecture]
+    if full_size:
+        dtype = resolve_dtype(cfg.backend.dtype)
+        _check_full_size_fits(architecture, device, dtype)
+        build = tiny.build_random_sd3_pipeline if fam == "sd3" else tiny.build_random_flux_pipeline
+        pipe = build(architecture, dtype=dtype, device=device, seed=cfg.seed)
+    else:
+        pipe = (tiny.build_tiny_sd3_pipeline if fam == "sd3" else tiny.build_tiny_flux_pipeline)(seed=cfg.seed)
+        dtype = resolve_dtype(tiny_dtype or "fp32")
+        if dtype != torch.float32:  # built in fp32 on the CPU
+            pipe.to(dtype=dtype)
+        if device.type != "cpu":
+            pipe.to(device)
+    if cfg.backend.vae_tiling:
+        pipe.vae.enable_tiling()
+    if cfg.backend.vae_slicing:
+        pipe.vae.enable_slicing()
+    if cfg.backend.cpu_offload:
+        log.warning("backend.cpu_offload is ignored for random weights: the model is built on %s", device)
+    pipe.set_progress_bar_config(disable=True)
+    backend = SD3Backend(pipe) if fam == "sd3" else FluxBackend(pipe)
+    return backend, architecture, "random"
+
+
+
+# -- images -------------------------------------------------------------------------------
+def clinic_images(n: int, height: int, width: int, seed: int) -> tuple[list[np.ndarray], list[str]]:
+    """``n`` synthetic-clinic photos (RGB uint8, height x width) and their sex words.
+    Rendered at most 512 px and resized: the content does not change the cost."""
+    from synthetic_clinic import render, subject_for
+
+    side = min(max(height, width), 512)
+    images, sexes = [], []
+    for i in range(n):
+        subject = subject_for(seed, i)
+        rgb = render(subject, side)[0]
+        if rgb.shape[:2] != (height, width):
+            interp = cv2.INTER_AREA if side > max(height, width) else cv2.INTER_CUBIC
+            rgb = cv2.resize(rgb, (width, height), interpolation=interp)
+        images.append(np.ascontiguousarray(rgb))
+        sexes.append(SEX_WORDS.get(subject.sex, "person"))
+    return images, sexes
+
+
+# -- measurement ----------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident set size in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def benchmark(cfg: Config, args: Any) -> dict:
+    """Measure the firewall's NFE, time and memory; see the module docstring.
+
+    ``args``: the parsed ``benchmark`` arguments (random_weights, architecture,
+    height, width, images, repeats, overrides)."""
+    random_weights = bool(getattr(args, "random_weights", False))
+    architecture = getattr(args, "architecture", None)
+    overrides = list(getattr(args, "overrides", None) or [])
+    n_images, repeats = int(getattr(args, "images", 2)), int(getattr(args, "repeats", 1))
+    if n_images < 1 or repeats < 1:
+        raise _usage_error(f"--images ({n_images}) and --repeats ({repeats}) must be at least 1")
+    if architecture is not None and not random_weights:
+        raise _usage_error(f"--architecture {architecture} builds a model with random weights: add --random-weights")
+    if random_weights:
+        architecture = architecture or DEFAULT_RANDOM_ARCHITECTURE[cfg.backend.name]
+        fam = ARCHITECTURES[architecture][0] if architecture in ARCHITECTURES else "embedded"
+        if cfg.backend.name != fam:
+            if _explicit(overrides, "backend"):
+                raise _usage_error(f"--architecture {architecture} needs backend={fam}, but backend={cfg.backend.name} was given")
+            cfg = load_config([f"backend={fam}", *overrides])  # that family's FlowEdit defaults
+    # Tiny models run in fp32 unless backend.dtype is given on the command line.
+    tiny_dtype = cfg.backend.dtype if _explicit(overrides, "backend.dtype") else None
+
+    t_load = time.perf_counter()
+    backend, architecture, weights = build_backend(cfg, random_weights, architecture, tiny_dtype)
+    load_seconds = time.perf_counter() - t_load
+    device = backend.device
+
+    from privacy_firewall.firewall import PrivacyFirewall, pixel_digest
+
+    firewall = PrivacyFirewall(cfg, backend=backend, use_cache=False)
+    if architecture in ("tiny-sd3", "tiny-flux"):
+        default_size = TINY_SIZE
+    else:
+        default_size = int(firewall.working_size)
+    height, width = args.height or default_size, args.width or default_size
+    multiple = backend.size_multiple
+    if height % multiple or width % multiple or height < multiple or width < multiple:
+        raise _usage_error(
+            f"--height {height} --width {width}: the {backend.name} backend needs sides that are positive "
+            f"multiples of {multiple}"
+        )
+
+    images, sexes = clinic_images(n_images, height, width, cfg.seed)
+    plans = [firewall.prompts_for(s) for s in sexes]
+    seeds = [firewall.seed_for(pixel_digest(img)) for img in images]
+    settings = FlowEditSettings.from_config(cfg.firewall)
+    batch = cfg.firewall.batch_size
+    batches = [list(range(s, min(s + batch, n_images))) for s in range(0, n_images, batch)]
+    k_configured = len(plans[0][1])
+
+    # Each run: (name, which targets of the firewall's list, timed with encode/decode?)
+    runs = [("single", [0]), ("healthy_alone", [1]), ("twin_pair", [0, 1])]
+    nfe: dict[str, float] = {}
+    edit_seconds: dict[str, float] = {}
+    configured_seconds: list[float] = []
+    nfe_configured = 0.0
+    bar = tqdm(total=(len(runs) + repeats) * len(batches), desc="benchmark", unit="edit", file=sys.stderr)
+    try:
+        with torch.inference_mode():
+            latents = [backend.encode_images(to_tensor_batch([images[i] for i in idx]).to(device)) for idx in batches]
+            # Prompts are encoded once per process in a running firewall: not part of the timings.
+            backend.encode_prompts(list(dict.fromkeys(p for plan in plans for p in [plan[0], *plan[1]])))
+
+            def edit(idx: list[int], x: torch.Tensor, which: list[int], s: FlowEditSettings = settings):
+                return flowedit(backend, x, [plans[i][0] for i in idx], [[plans[i][1][j] for j in which] for i in idx],
+                                s, [seeds[i] for i in idx], image_size=(height, width))
+
+            if settings.n_max:  # warm-up (kernels, allocator): one step, not measured
+                edit(batches[0], latents[0], [0, 1], replace(settings, n_max=1, n_min=0))
+            for name, which in runs:
+                _sync(device)
+                before, total = time.perf_counter(), 0.0
+                for idx, x in zip(batches, latents):
+                    total += edit(idx, x, which).nfe_per_image * len(idx)
+                    bar.update(1)
+                _sync(device)
+                nfe[name] = total / n_images
+                edit_seconds[name] = (time.perf_counter() - before) / n_images
+
+            which = list(range(k_configured))
+            for _ in range(repeats):
+                _sync(device)
+                before, total = time.perf_counter(), 0.0
+                for idx in batches:  # what the firewall does per batch: encode, edit, decode
+                    x = backend.encode_images(to_tensor_batch([images[i] for i in idx]).to(device))
+                    out = edit(idx, x, which)
+                    for j in range(out.latents.shape[1]):
+                        backend.decode_latents(out.latents[:, j]).cpu()
+                    backend.decode_latents(x).cpu()
+                    total += out.nfe_per_image * len(idx)
+                    bar.update(1)
+                _sync(device)
+                configured_seconds.append((time.perf_counter() - before) / n_images)
+                nfe_configured = total / n_images
+    except torch.cuda.OutOfMemoryError as exc:
+        raise _usage_error(
+            f"out of GPU memory ({exc}); lower firewall.batch_size (now {batch}), --height/--width or --images"
+        ) from None
+    finally:
+        bar.close()
+
+    separate = nfe["single"] + nfe["healthy_alone"]
+    result: dict[str, Any] = {
+        "backend": backend.name,
+        "architecture": architecture,
+        "weights": weights,
+        "device": str(device),
+        "dtype": str(backend.dtype).removeprefix("torch."),
+        "height": height,
+        "width": width,
+        "images": n_images,
+        "repeats": repeats,
+        "batch_size": batch,
+        "steps": settings.steps,
+        "n_max": settings.n_max,
+        "n_min": settings.n_min,
+        "n_avg": settings.n_avg,
+        "guidance_mode": settings.guidance_mode,
+        "true_cfg": bool(backend.has_true_cfg),
+        "nfe_single_edit": nfe["single"],
+        "nfe_twin_pair": nfe["twin_pair"],
+        "nfe_twin_pair_separate": separate,
+        "nfe_saving": round(separate / nfe["twin_pair"], 6) if nfe["twin_pair"] else None,
+        "nfe_saving_fraction": round(1 - nfe["twin_pair"] / separate, 6) if separate else None,
+        "original_healthy_twin": bool(cfg.firewall.original_healthy_twin),
+        "targets_configured": k_configured,
+        "nfe_configured": nfe_configured,
+        "seconds_per_image": round(statistics.median(configured_seconds), 6),
+        "seconds_per_image_repeats": [round(s, 6) for s in configured_seconds],
+        "edit_seconds_per_image_single": round(edit_seconds["single"], 6),
+        "edit_seconds_per_image_twin_pair": round(edit_seconds["twin_pair"], 6),
+        "edit_seconds_per_image_twin_pair_separate": round(edit_seconds["single"] + edit_seconds["healthy_alone"], 6),
+        "load_seconds": round(load_seconds, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+    if device.type == "cuda":
+        result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        result["gpu"] = torch.cuda.get_device_name(device)
+    return result
+
+
+__all__ = ["ARCHITECTURES", "benchmark", "build_backend", "clinic_images", "peak_rss_mb"]

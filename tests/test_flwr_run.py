@@ -1,0 +1,57 @@
+"""End to end through the real `flwr run` (the app bundle, a local SuperLink,
+the simulation runtime): 2 hospitals, 1 round, tiny images. The SuperLink that
+the run starts is stopped again."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import TINY_OVERRIDES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _superlinks(flwr_home: Path) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "flower-superlink" in line and str(flwr_home) in line]
+
+
+def test_flwr_run_two_hospitals_one_round(tmp_path, tiny_embedded_dir):
+    flwr_home = tmp_path / "flwr-home"
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),  # never touch the user's ~/.flwr
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+        "SKINFED_HOME": str(tmp_path / "home"),
+        "SKINFED_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+    })
+    env.pop("SKINFED_OVERRIDES", None)
+    overrides = [f"backend.model_path={tiny_embedded_dir}", *TINY_OVERRIDES,
+                 "federation.num_hospitals=2", "federation.num_rounds=1"]
+    proc = subprocess.run([sys.executable, "-m", "scripts.run_federated", *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    try:
+        assert proc.returncode == 0, log[-4000:]
+        run_dir = Path(log.strip().splitlines()[-1].split("results in ", 1)[1])
+        rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+        assert [r["round"] for r in rounds] == [0, 1]
+        assert rounds[1]["clients_trained"] == 2 and rounds[1]["firewall_accepted"] == 12
+        assert (run_dir / "convergence.png").is_file() and (run_dir / "model.safetensors").is_file()
+        # The app ran from the bundle Flower unpacked, not from this checkout.
+        assert any((flwr_home / "apps").iterdir())
+    finally:
+        assert not _superlinks(flwr_home), "the local SuperLink was left running"
