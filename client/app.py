@@ -16,7 +16,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.hospital import HospitalData, deidentify_hospital, synthetic_hospitals
+from client.hospital import HospitalData, deidentify_hospital, simulation_hospitals
 from models import segmentation
 from privacy_firewall.config import Config, load_run_config
 
@@ -84,7 +84,7 @@ def local_hospital(cfg: Config, context: Context) -> HospitalData:
             f"{cfg.federation.num_hospitals}: launch with `scripts/run_federated.py federation.num_hospitals=N` or pass "
             f"--federation-config 'num-supernodes={cfg.federation.num_hospitals}' to flwr run"
         )
-    folders = synthetic_hospitals(cfg)
+    folders = simulation_hospitals(cfg)
     return deidentify_hospital(cfg, folders[_partition(context)])
 
 

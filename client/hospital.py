@@ -78,6 +78,21 @@ def synthetic_hospitals(cfg: Config, progress: bool = False) -> list[Path]:
     return folders
 
 
+def simulation_hospitals(cfg: Config) -> list[Path]:
+    """The hospitals of a simulation: synthetic ones, or ``<data.folder>/hospital_<i>/``
+    folders of real photos (each with ``images/``), one per simulated SuperNode."""
+    if cfg.data.source == "synthetic":
+        return synthetic_hospitals(cfg)
+    root = Path(cfg.data.folder).expanduser()
+    folders = sorted(p for p in root.glob("hospital_*") if p.is_dir())
+    if len(folders) != cfg.federation.num_hospitals:
+        raise FileNotFoundError(
+            f"data.folder={root} holds {len(folders)} hospital_* folders but federation.num_hospitals="
+            f"{cfg.federation.num_hospitals}: give one <folder>/hospital_<i>/images/ per hospital"
+        )
+    return folders
+
+
 def holdout_set(cfg: Config) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Held-out original identities with ground-truth masks, for the server's
     evaluation: a separate synthetic clinic seed no hospital holds, or

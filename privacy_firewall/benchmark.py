@@ -107,7 +107,7 @@ def _check_full_size_fits(architecture: str, device: torch.device, dtype: torch.
     if total < gib * 1.05:
         raise _usage_error(
             f"--architecture {architecture}: {gib:.1f} GiB of weights in {dtype_name} do not fit on {device} "
-            f"({total:.1f} GiB); use a larger GPU or backend.dtype=bf16."
+            f"({total:.1f} GiB); use a larger GPU" + (" or backend.dtype=bf16" if dtype == torch.float32 else "") + "."
         )
     if total < need:
         log.warning("%s on %s (%.0f GiB): it may run out of memory; lower firewall.batch_size if it does",
@@ -161,7 +161,6 @@ def build_backend(
     pipe.set_progress_bar_config(disable=True)
     backend = SD3Backend(pipe) if fam == "sd3" else FluxBackend(pipe)
     return backend, architecture, "random"
-
 
 
 # -- images -------------------------------------------------------------------------------
@@ -230,7 +229,8 @@ def benchmark(cfg: Config, args: Any) -> dict:
         default_size = TINY_SIZE
     else:
         default_size = int(firewall.working_size)
-    height, width = args.height or default_size, args.width or default_size
+    height = getattr(args, "height", None) or default_size
+    width = getattr(args, "width", None) or default_size
     multiple = backend.size_multiple
     if height % multiple or width % multiple or height < multiple or width < multiple:
         raise _usage_error(
@@ -246,7 +246,7 @@ def benchmark(cfg: Config, args: Any) -> dict:
     batches = [list(range(s, min(s + batch, n_images))) for s in range(0, n_images, batch)]
     k_configured = len(plans[0][1])
 
-    # Each run: (name, which targets of the firewall's list, timed with encode/decode?)
+    # NFE runs: (name, indices into the firewall's target list [surrogate, healthy twin, original's twin])
     runs = [("single", [0]), ("healthy_alone", [1]), ("twin_pair", [0, 1])]
     nfe: dict[str, float] = {}
     edit_seconds: dict[str, float] = {}

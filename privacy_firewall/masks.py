@@ -101,8 +101,9 @@ class _Plan:
     j < position; NaN is never above a threshold: position 0).
 
     * ``exact``: t_j = t_0 + j * step with step a power of two <= 1 and t_0 a
-      multiple of it (the default grid): ``v / step - t_0 / step`` is exact in
-      floating point, so the position is ``clip(ceil(...), 0, n)``.
+      multiple of it (the default grid): ``v / step`` is exact in floating point
+      and ``t_0 / step`` an integer, so the position is
+      ``clip(ceil(v / step) - t_0 / step, 0, n)``, exactly.
     * ``fixup``: a near-uniform grid. ``rint((v - t_0) / step)`` is the position
       or one less, and one exact comparison with the threshold it points at decides.
     * ``search``: anything else, by binary search.
@@ -112,7 +113,7 @@ class _Plan:
     dtype: np.dtype
     scale: float = 1.0
     offset: float = 0.0
-    edges: np.ndarray | None = None  # fixup: thresholds in ``dtype``, rounded down, then +inf
+    edges: np.ndarray | None = None  # fixup: thresholds in ``dtype`` rounded down, +inf; twice (outside, inside)
 
 
 def _plan(thresholds: np.ndarray, dtype: np.dtype) -> _Plan:
@@ -130,8 +131,8 @@ def _plan(thresholds: np.ndarray, dtype: np.dtype) -> _Plan:
         # v > t exactly  <=>  v > (the largest value of ``dtype`` that is <= t)
         edges = t.astype(dtype)
         edges = np.where(edges.astype(np.float64) > t, np.nextafter(edges, dtype.type(-np.inf)), edges)
-        return _Plan("fixup", dtype, scale=1.0 / step, offset=t0 / step,
-                     edges=np.append(edges, dtype.type(np.inf)).astype(dtype))
+        edges = np.append(edges, dtype.type(np.inf)).astype(dtype)
+        return _Plan("fixup", dtype, scale=1.0 / step, offset=t0 / step, edges=np.concatenate([edges, edges]))
     return _Plan("search", dtype)
 
 
@@ -154,20 +155,29 @@ def _position_histogram(values: np.ndarray, ref: np.ndarray, thresholds: np.ndar
         if plan.mode == "search":
             g[:] = np.searchsorted(thresholds, vs, side="left")
             g[np.isnan(vs)] = 0
+            np.add(g, n + 1, out=g, where=rs)
         else:
             q = q_buf[:m]
-            np.multiply(vs, scale, out=q)
-            if plan.offset:
-                np.subtract(q, offset, out=q)
-            (np.ceil if plan.mode == "exact" else np.rint)(q, out=q)
-            np.fmax(q, 0, out=q)  # fmax, not maximum: NaN becomes 0
-            np.minimum(q, n, out=q)
+            np.multiply(vs, scale, out=q)  # exact in "exact" mode (a power of two >= 1)
+            if plan.mode == "exact":
+                np.ceil(q, out=q)
+                if plan.offset:  # after ceil: integers, so ceil(v/step - t0/step) exactly
+                    np.subtract(q, offset, out=q)
+            else:
+                if plan.offset:
+                    np.subtract(q, offset, out=q)
+                np.rint(q, out=q)
+            if np.isnan(np.add.reduce(q)):  # NaN (or inf - inf) in this chunk: NaN must become 0
+                np.fmax(q, 0, out=q)  # (slower than clip, which keeps NaN)
+                np.minimum(q, n, out=q)
+            else:
+                np.clip(q, 0, n, out=q)
+            np.add(q, n + 1, out=q, where=rs)  # inside the reference: the second half of the bins
             np.copyto(g, q, casting="unsafe")
             if plan.mode == "fixup":
                 np.take(plan.edges, g, out=e_buf[:m])
                 np.greater(vs, e_buf[:m], out=a_buf[:m])
                 g += a_buf[:m]
-        np.add(g, n + 1, out=g, where=rs)
         hist += np.bincount(g, minlength=2 * (n + 1))
     return hist.reshape(2, n + 1)
 

@@ -337,6 +337,31 @@ def test_backend_euler_matches_pipeline_sampling(kind: str, pipes: dict[str, Any
     torch.testing.assert_close(z, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_sd3_true_cfg_matches_pipeline(pipes: dict[str, Any]) -> None:
+    """FlowEdit's CFG, v("") + s (v(prompt) - v("")), is the pipeline's own
+    classifier-free guidance with an empty negative prompt."""
+    pipe, backend = pipes["sd3"], _backend("sd3", pipes["sd3"])
+    steps, scale, z0 = 3, 4.0, _latents(1, 8, 8, seed=5)
+    ref = pipe(
+        "a face",
+        negative_prompt="",
+        num_inference_steps=steps,
+        guidance_scale=scale,
+        latents=z0.clone(),
+        height=64,
+        width=64,
+        output_type="latent",
+        max_sequence_length=SEQ,
+    ).images
+    ts = backend.timesteps(steps, (64, 64))
+    cond = backend.encode_prompts(["", "a face"])
+    z = z0.clone()
+    for i in range(steps):
+        u, c = backend.velocity(torch.cat([z, z]), float(ts[i]), cond).chunk(2)
+        z = z + (ts[i + 1] - ts[i]) * (u + scale * (c - u))
+    torch.testing.assert_close(z, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_flux_guidance_input() -> None:
     pipe = build_tiny_flux_pipeline()
     backend = FluxBackend(pipe, max_sequence_length=SEQ)

@@ -185,6 +185,11 @@ def test_iou_curves_equal_the_loop_on_every_path(name, dtype, monkeypatch):
         special.flat[9:14], special.flat[14:19] = np.inf, -np.inf
         diffs.append(special)
     diffs = [d.astype(dtype) for d in diffs]
+    if dtype != np.int16:  # one step of the dtype either side of a threshold, and tiny values around 0
+        on = rng.choice(thresholds, size=(31, 43)).astype(dtype)
+        near = np.where(rng.random((31, 43)) < 0.5, np.nextafter(on, dtype(np.inf)), np.nextafter(on, dtype(-np.inf)))
+        near.flat[:40] = rng.choice([1e-30, -1e-30, 1e-8, -1e-8, 0.0, -0.0], 40)
+        diffs.append(near.astype(dtype))
     refs = [rng.random((31, 43)) > 0.6 for _ in diffs]
     refs[0][:] = False  # an empty reference
     loop = np.array([[iou(d > t, r) for t in thresholds] for d, r in zip(diffs, refs)])
