@@ -95,6 +95,8 @@ def _partition(context: Context) -> int:
 def _device(cfg: Config) -> str:
     if cfg.federation.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.federation.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"federation.device={cfg.federation.device} but this node has no CUDA GPU: use auto or cpu")
     return cfg.federation.device
 
 

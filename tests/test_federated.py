@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,7 +171,7 @@ def test_simulation_two_hospitals_one_failing(tiny_config, monkeypatch, capsys):
     monkeypatch.setenv("SKINFED_FAIL_HOSPITAL", "1")
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=2,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    runs = list((cfg.paths.runs and __import__("pathlib").Path(cfg.paths.runs)).glob("*/metrics.json"))
+    runs = list(Path(cfg.paths.runs).glob("*/metrics.json"))
     assert len(runs) == 1
     rounds = json.loads(runs[0].read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
@@ -180,3 +181,39 @@ def test_simulation_two_hospitals_one_failing(tiny_config, monkeypatch, capsys):
     text = json.dumps(rounds)
     assert "subject_" not in text and "/" not in text  # numbers only, no names or paths
     assert str(runs[0].parent) in capsys.readouterr().out
+
+
+def test_hospital_without_usable_photos_is_reported(tiny_config, tmp_path):
+    """Nothing the firewall accepts: no pairs, the refusals counted, the client
+    sits the round out (its NoUsableImages is dropped by the strategy)."""
+    cfg, _ = tiny_config
+    folder = tmp_path / "hospital" / "images"
+    folder.mkdir(parents=True)
+    (folder / "broken.jpg").write_bytes(b"not a photo")
+    (folder / "empty.png").write_bytes(b"")
+    data = deidentify_hospital(cfg, folder.parent)
+    assert data.train == [] and data.validation == []
+    assert data.accepted == 0 and data.refused == 2
+
+
+@pytest.mark.slow
+def test_killed_server_resumes_from_its_checkpoint(tiny_config, monkeypatch):
+    """A run stopped after round 1 continues with round 2 in the same directory."""
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.app import app as server_app
+
+    cfg, overrides = tiny_config
+    base = [*overrides, "federation.num_hospitals=2"]
+    monkeypatch.setenv("SKINFED_OVERRIDES", " ".join([*base, "federation.num_rounds=1"]))
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=2)
+    (run_dir,) = [p.parent for p in Path(cfg.paths.runs).glob("*/metrics.json")]
+    (run_dir / "model.safetensors").unlink()  # as if killed before the end
+    first = (run_dir / "checkpoint.pt").read_bytes()
+    monkeypatch.setenv("SKINFED_OVERRIDES", " ".join([*base, "federation.num_rounds=2", "federation.resume=latest"]))
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=2)
+    assert [p.parent for p in Path(cfg.paths.runs).glob("*/metrics.json")] == [run_dir]
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert (run_dir / "checkpoint.pt").read_bytes() != first and (run_dir / "model.safetensors").is_file()

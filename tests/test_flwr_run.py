@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import TINY_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,3 +57,24 @@ def test_flwr_run_two_hospitals_one_round(tmp_path, tiny_embedded_dir):
         assert any((flwr_home / "apps").iterdir())
     finally:
         assert not _superlinks(flwr_home), "the local SuperLink was left running"
+
+
+@pytest.mark.slow
+def test_flwr_run_finds_the_shipped_weights_from_the_bundle(tmp_path):
+    """The default backend from `flwr run`: the bundle has no weights, so they must
+    be found through the installed package (no backend.model_path, no env var)."""
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+        "SKINFED_HOME": str(tmp_path / "home"),
+    })
+    for key in ("SKINFED_OVERRIDES", "SKINFED_EMBEDDED_WEIGHTS"):
+        env.pop(key, None)
+    overrides = ["federation.num_hospitals=2", "federation.num_rounds=1", "data.num_subjects=8",
+                 "data.holdout_subjects=4", "model.local_epochs=1"]
+    proc = subprocess.run([sys.executable, "-m", "scripts.run_federated", *overrides], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert not _superlinks(tmp_path / "flwr-home")

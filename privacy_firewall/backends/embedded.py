@@ -32,9 +32,9 @@ class EmbeddedBackend(FlowBackend):
     @classmethod
     def from_config(cls, backend_cfg) -> EmbeddedBackend:
         folder = find_embedded_weights(getattr(backend_cfg, "model_path", None))
-        device = getattr(backend_cfg, "device", "auto")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        from privacy_firewall.backends.loading import resolve_device
+
+        device = resolve_device(getattr(backend_cfg, "device", "auto"))
         backend = cls(load_flow_unet(folder), device=device, folder=folder)
         # The cache key needs to know which weights made an image.
         backend.fingerprint = hashlib.sha256((folder / "flow_unet.safetensors").read_bytes()).hexdigest()[:16]

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from privacy_firewall.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -88,7 +90,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` -> cuda when available, else cpu; anything else as given."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"backend.device={device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"backend.device={device} but this machine has no CUDA GPU: use backend.device=cpu or auto")
+    return resolved
 
 
 def _how_to_provide(kind: str, repo_id: str | None = None) -> str:
