@@ -223,6 +223,15 @@ class FederationConfig:
 
 
 @dataclass
+class SweepConfig:
+    eval_subjects: int
+    eval_clinic_seed: int
+
+    def __post_init__(self) -> None:
+        _positive("sweep.eval_subjects", self.eval_subjects, allow_zero=True)
+
+
+@dataclass
 class PathsConfig:
     home: str
     firewall_cache: str
@@ -238,6 +247,7 @@ class Config:
     federation: FederationConfig
     seed: int
     paths: PathsConfig = field(default_factory=lambda: PathsConfig("", "", ""))
+    sweep: SweepConfig = field(default_factory=lambda: SweepConfig(16, 777))
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain data (saved with every run)."""

@@ -98,7 +98,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, log_file: str | Path | None = None) -> int:
+    """Run one federation; ``log_file`` also receives everything printed."""
     parser = argparse.ArgumentParser(prog="skinfed-run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, key=value")
@@ -112,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.overrides)
     except ConfigError as exc:
         print(f"skinfed-run: error: {exc}", file=sys.stderr)
+        return 2
+    if any('"' in o for o in args.overrides):
+        print("skinfed-run: error: flwr's run config cannot carry double quotes: quote override values with "
+              "single quotes (key='a b')", file=sys.stderr)
         return 2
     res = cfg.federation.client_resources
     cmd = flwr_command(args.overrides, Path(args.app), cfg.federation.num_hospitals, res.num_cpus, res.num_gpus)
@@ -132,14 +137,19 @@ def main(argv: list[str] | None = None) -> int:
         proc = subprocess.Popen(cmd, cwd=args.app, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1)
         assert proc.stdout is not None
+        log = open(log_file, "a", encoding="utf-8") if log_file else None
         for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
+            if log:
+                log.write(line)
             if (m := RESULTS_LINE.search(line)) and "done:" in line:
                 results = m.group(1)
             if "Exit Code: 7" in line or "An unhandled exception occurred" in line:
                 failed = True
         proc.wait()
+        if log:
+            log.close()
     except KeyboardInterrupt:
         print("\nskinfed-run: interrupted; resume with federation.resume=latest", file=sys.stderr)
         return 130
