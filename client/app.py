@@ -9,6 +9,7 @@ names, paths, ids or pixels.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -28,7 +29,30 @@ class NoUsableImages(RuntimeError):
     """This hospital has nothing the firewall could de-identify: it sits the round out."""
 
 
+class HospitalError(RuntimeError):
+    """A failure at the hospital, told to the server without local details."""
+
+
+def reply_privately(handler):
+    """An exception's text can hold local paths or file names; the server gets the
+    exception type only, the hospital's own log keeps the details."""
+
+    @functools.wraps(handler)
+    def wrapper(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except NoUsableImages:
+            raise
+        except Exception as exc:
+            log.exception("%s failed at this hospital", handler.__name__)
+            raise HospitalError(f"{handler.__name__} failed at the hospital with {type(exc).__name__} "
+                                "(details in the hospital's own log)") from None
+
+    return wrapper
+
+
 @app.train()
+@reply_privately
 def train(msg: Message, context: Context) -> Message:
     cfg = load_run_config(context.run_config)
     _maybe_fail_for_tests(context, msg)
@@ -54,6 +78,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@reply_privately
 def evaluate(msg: Message, context: Context) -> Message:
     cfg = load_run_config(context.run_config)
     hospital = local_hospital(cfg, context)

@@ -103,7 +103,7 @@ def load_reference_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
     """A ground-truth mask (any image, > 127 = erythema), resized to ``shape``."""
     m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if m is None:
-        raise ImageRejected(f"its ground-truth mask {path.name} cannot be read")
+        raise ImageRejected("its ground-truth mask cannot be read (see manifest.local.csv for the file)")
     if m.shape != shape:
         m = cv2.resize(m, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
     return m > 127

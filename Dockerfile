@@ -1,0 +1,69 @@
+# syntax=docker/dockerfile:1
+# The skinfed runtime for Flower's deployment engine (flwr 1.42): one image for the
+# SuperLink, the SuperNodes and the SuperExecs that run the ServerApp and the
+# ClientApps (docker-compose.yml picks the program with `entrypoint`).
+#
+#   docker build -t skinfed:0.1.0 .
+#   docker build -t skinfed:0.1.0 --build-arg SKINFED_UID="$(id -u)" --build-arg SKINFED_GID="$(id -g)" .
+#
+# Inside: the project installed with pip (not editable), so the embedded flow
+# model's weights ship as package data (site-packages/models/embedded). Not inside:
+# SD3/FLUX weights (mounted read-only at /models at run time), certificates and
+# keys (mounted), patient data (mounted read-only at /data).
+
+# CUDA 12.4 runtime, cuDNN 9, Python 3.11 and torch 2.5.1 / torchvision 0.20.1,
+# which satisfy the project's pins, so pip keeps them. The image also runs on
+# hosts without a GPU (torch falls back to the CPU).
+ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+# The uid/gid the containers run as: match the owner of the mounted keys and data.
+ARG SKINFED_UID=1000
+ARG SKINFED_GID=1000
+# Every site of a federation runs the same flwr; docker-compose.yml's flags are
+# those of this version (tests/test_deployment.py checks them against it).
+ARG FLWR_VERSION=1.42.0
+
+# Nothing is downloaded at run time: weights come from /models or the package.
+# No Flower telemetry, no per-run `uv sync` (the image holds every dependency).
+# SKINFED_HOME is paths.home: the firewall's work and cache, the server's run directories.
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    FLWR_TELEMETRY_ENABLED=0 \
+    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
+    SKINFED_HOME=/work
+
+RUN groupadd --gid "${SKINFED_GID}" skinfed \
+    && useradd --uid "${SKINFED_UID}" --gid "${SKINFED_GID}" --create-home --shell /usr/sbin/nologin skinfed \
+    && mkdir -p /work /var/lib/flwr /home/skinfed/.flwr /models /data /certs \
+    && chown skinfed:skinfed /work /var/lib/flwr /home/skinfed/.flwr
+
+# The build context is filtered by .dockerignore: no .venv, runs, data, certificates or keys.
+COPY pyproject.toml README.md /tmp/skinfed-src/
+COPY client/ /tmp/skinfed-src/client/
+COPY server/ /tmp/skinfed-src/server/
+COPY privacy_firewall/ /tmp/skinfed-src/privacy_firewall/
+COPY models/ /tmp/skinfed-src/models/
+COPY synthetic_clinic/ /tmp/skinfed-src/synthetic_clinic/
+COPY conf/ /tmp/skinfed-src/conf/
+COPY scripts/ /tmp/skinfed-src/scripts/
+
+WORKDIR /
+RUN python -m pip install --no-cache-dir /tmp/skinfed-src "flwr[simulation]==${FLWR_VERSION}" \
+    && rm -rf /tmp/skinfed-src \
+    && python -c "from models.embedded import find_embedded_weights; print('embedded model:', find_embedded_weights())" \
+    && flower-superexec --version
+
+USER ${SKINFED_UID}:${SKINFED_GID}
+WORKDIR /work
+# SuperLink (Fleet, Control and Runtime APIs) and SuperNode Runtime API.
+EXPOSE 9093 9094
+
+# The ServerApp/ClientApp runtime; docker-compose.yml sets the arguments, and
+# `entrypoint: ["flower-superlink"]` / `["flower-supernode"]` for the other two roles.
+ENTRYPOINT ["flower-superexec"]
+CMD ["--help"]
