@@ -58,14 +58,26 @@ def superlink_running(port: int) -> bool:
         return False
 
 
-def superlink_pids() -> set[int]:
-    """Local simulation SuperLinks (flwr starts them with these flags)."""
-    try:
-        out = subprocess.run(["pgrep", "-f", "flower-superlink.*--simulation"], capture_output=True, text=True).stdout
-    except FileNotFoundError:  # no pgrep: look through /proc
-        out = "\n".join(p.name for p in Path("/proc").iterdir() if p.name.isdigit() and
-                        b"flower-superlink" in _cmdline(p) and b"--simulation" in _cmdline(p))
-    return {int(x) for x in out.split()}
+def superlink_pids(port: int) -> set[int]:
+    """The local simulation SuperLink listening on ``port`` (flwr starts it with
+    ``--simulation ... --port PORT``); SuperLinks of other runs are left alone."""
+    if not Path("/proc").is_dir():  # macOS and friends: ask pgrep
+        pattern = f"flower-superlink.*--simulation.*--port {port}( |$)"
+        try:
+            out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+        except FileNotFoundError:
+            return set()
+        return {int(x) for x in out.split()}
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        args = _cmdline(proc).split(b"\0")
+        if not any(a.endswith(b"flower-superlink") for a in args) or b"--simulation" not in args:
+            continue
+        if b"--port" in args and args.index(b"--port") + 1 < len(args) and args[args.index(b"--port") + 1] == str(port).encode():
+            pids.add(int(proc.name))
+    return pids
 
 
 def _cmdline(proc: Path) -> bytes:
@@ -127,7 +139,7 @@ def main(argv: list[str] | None = None, log_file: str | Path | None = None) -> i
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # flower-superlink of this venv
     port = int(env.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091"))
-    before = superlink_pids() if superlink_running(port) else set()
+    before = superlink_pids(port) if superlink_running(port) else set()
 
     print(f"skinfed-run: {cfg.federation.num_hospitals} hospitals, {cfg.federation.num_rounds} rounds, "
           f"{cfg.federation.strategy}, backend {cfg.backend.name}", flush=True)
@@ -155,7 +167,7 @@ def main(argv: list[str] | None = None, log_file: str | Path | None = None) -> i
         return 130
     finally:
         if not args.keep_superlink:
-            stop_superlinks(superlink_pids() - before)
+            stop_superlinks(superlink_pids(port) - before)
     if proc.returncode != 0 or failed or results is None:
         print("skinfed-run: the run did not finish (see the log above)", file=sys.stderr)
         return 1

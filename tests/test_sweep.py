@@ -101,3 +101,26 @@ def test_summary_collects_every_job(tmp_path):
 def test_summary_of_a_folder_without_jobs_is_an_error(tmp_path, capsys):
     assert sweep_summary.main([str(tmp_path)]) == 2
     assert "result.json" in capsys.readouterr().err
+
+
+def test_only_the_superlink_on_our_port_is_stopped(tmp_path):
+    """Two runs side by side: stopping ours must leave the other's SuperLink alone."""
+    import subprocess
+    import sys
+    import time
+
+    fake = tmp_path / "flower-superlink"
+    fake.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(60)\n")
+    fake.chmod(0o755)
+    ours = subprocess.Popen([str(fake), "--insecure", "--simulation", "--port", "47001"])
+    theirs = subprocess.Popen([str(fake), "--insecure", "--simulation", "--port", "47002"])
+    try:
+        time.sleep(0.5)
+        assert run_federated.superlink_pids(47001) == {ours.pid}
+        run_federated.stop_superlinks(run_federated.superlink_pids(47001), timeout=5)
+        assert ours.wait(timeout=5) is not None
+        assert theirs.poll() is None  # still running
+    finally:
+        for p in (ours, theirs):
+            p.kill()
+            p.wait()
