@@ -183,13 +183,17 @@ def deidentify_hospital(cfg: Config, data_dir: str | Path, work_dir: str | Path 
         state = {"key": key, "accepted": c["ok"], "refused": c["failed"], "theta": c["theta"]}
         atomic_write_json(marker, state)
     pairs = load_deidentified(firewall_out)
-    val = [p for p in pairs if _is_validation(p.id, cfg.data.val_fraction, cfg.seed)]
-    train = [p for p in pairs if not _is_validation(p.id, cfg.data.val_fraction, cfg.seed)]
+    # Split by the surrogate's pixels (ids are salted per output folder): the same
+    # data and seed give the same split on every machine.
+    is_val = {p.id: _is_validation(hashlib.sha256(p.surrogate.tobytes()).hexdigest(), cfg.data.val_fraction, cfg.seed)
+              for p in pairs}
+    val = [p for p in pairs if is_val[p.id]]
+    train = [p for p in pairs if not is_val[p.id]]
     if not train and val:  # a tiny hospital: train on everything rather than nothing
         train = val
     return HospitalData(train, val, int(state["accepted"]), int(state["refused"]), float(state["theta"]))
 
 
-def _is_validation(pair_id: str, fraction: float, seed: int) -> bool:
-    h = int(hashlib.sha256(f"{seed}:{pair_id}".encode()).hexdigest()[:8], 16)
+def _is_validation(key: str, fraction: float, seed: int) -> bool:
+    h = int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16)
     return h / 0xFFFFFFFF < fraction
