@@ -90,8 +90,11 @@ def cmd_report(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from privacy_firewall.deidentify import UsageError
     from privacy_firewall.evaluate import evaluate
 
+    if args.n < 1 or args.panels < 0:
+        raise UsageError(f"--n must be at least 1 and --panels at least 0 (got --n {args.n}, --panels {args.panels})")
     cfg = _config(args.overrides)
     _threads()
     result = evaluate(cfg, n=args.n, out=Path(args.out), clinic_seed=args.clinic_seed, panels=args.panels)

@@ -48,15 +48,6 @@ def _std(values: list[float]) -> float:
     return round(float(np.std(values)), 4) if values else float("nan")
 
 
-def comparison_image(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Predicted vs ground truth: white both, green missed (truth only), magenta extra."""
-    out = np.zeros((*truth.shape, 3), np.uint8)
-    out[truth & ~predicted] = (0, 200, 0)
-    out[predicted & ~truth] = (220, 0, 220)
-    out[truth & predicted] = (255, 255, 255)
-    return out
-
-
 def heat(difference: np.ndarray) -> np.ndarray:
     import cv2
 
@@ -71,13 +62,13 @@ def panel_figure(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from privacy_firewall.figures import _save
+    from privacy_firewall.figures import _save, agreement_image
 
     titles = ("source", "ground truth", "surrogate", "healthy twin", "a* difference", "mask vs truth")
     fig, axes = plt.subplots(len(rows), 6, figsize=(11, 1.9 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         images = (row["source"], row["truth"], row["surrogate"], row["healthy"], heat(row["difference"]),
-                  comparison_image(row["mask"], row["truth"]))
+                  agreement_image(row["truth"], row["mask"]))
         for c, img in enumerate(images):
             ax = axes[r, c]
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
