@@ -344,19 +344,17 @@ _T5_TINY_VOCAB = 4 + 2 * len([c for c in string.printable if not c.isspace()])
 
 
 # -- tiny pipelines (tests) ---------------------------------------------------------
+# The text encoders both tiny pipelines share: 2-layer CLIP (hidden 8), 1-layer T5 (d_model 16).
+_TINY_CLIP = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "projection_dim": 8}
+_TINY_T5 = {"d_model": 16, "d_ff": 32, "d_kv": 8, "num_layers": 1, "num_heads": 2}
+
 def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     """A ~1 MB random-weight SD3 pipeline: 1 transformer layer (2 heads x 8,
     patch 2, 16 latent channels), two 2-layer CLIPs (hidden 8, projection 8), a
     1-layer T5 (d_model 16) and a VAE with the real 8x factor and 16 channels.
     ``joint_attention_dim`` = 16 >= 8 + 8 (the concatenated CLIP hidden sizes)."""
-    clip = {
-        "hidden_size": 8,
-        "intermediate_size": 16,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "projection_dim": 8,
-    }
-    t5 = {"d_model": 16, "d_ff": 32, "d_kv": 8, "num_layers": 1, "num_heads": 2}
+    clip, t5 = _TINY_CLIP, _TINY_T5
     transformer = {
         "sample_size": 32,
         "patch_size": 2,
@@ -379,14 +377,7 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> Flu
     16, rope axes (4, 6, 6)), 64 packed input channels, a 2-layer CLIP (hidden 8),
     a 1-layer T5 (d_model 16) and a VAE with the real 8x factor and 16 channels.
     ``guidance_embeds=True`` mimics the guidance-distilled FLUX.1-dev."""
-    clip = {
-        "hidden_size": 8,
-        "intermediate_size": 16,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "projection_dim": 8,
-    }
-    t5 = {"d_model": 16, "d_ff": 32, "d_kv": 8, "num_layers": 1, "num_heads": 2}
+    clip, t5 = _TINY_CLIP, _TINY_T5
     transformer = {
         "patch_size": 1,
         "in_channels": 64,
