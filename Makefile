@@ -11,10 +11,15 @@ ARGS   ?=
 
 .PHONY: run test test-all lint evaluate benchmark clean-venv
 
+# The .pth line makes `flwr run .` in this venv use the venv itself: flwr 1.42
+# otherwise installs the app's dependencies (CUDA torch, ~3 GB) into a fresh
+# environment with `uv sync` on every run. It only sets a default (an explicit
+# FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=0 still wins).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -e '.[test]'
+	$(BIN)/python -c "import site; open(site.getsitepackages()[0] + '/skinfed_flower_runtime.pth', 'w').write('import os; os.environ.setdefault(\"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION\", \"1\")\n')"
 	touch $(STAMP)
 
 ## the main job; extra Hydra overrides with ARGS='federation.num_rounds=8 federation.num_hospitals=6'

@@ -1,27 +1,43 @@
 """The hospital's Flower ClientApp.
 
-Each message is answered the same way: compose the run's configuration, make
-sure this hospital's photos went through the privacy firewall (once; the cache
-makes it free afterwards), then train or score the global U-Net on the
-de-identified pairs. Only model arrays and scalar metrics go back: no file
-names, paths, ids or pixels.
+A hospital answers three kinds of message, each the same way: compose the run's
+configuration, find this hospital's de-identified pairs, and answer with model
+arrays and scalar metrics only — no file names, paths, ids or pixels.
+
+* ``query`` (before round 1): run the privacy firewall on the hospital's photos
+  (simulation) or report how far the firewall service got (deployment);
+* ``train``: train the global U-Net on (surrogate, mask) pairs;
+* ``evaluate``: score it on the hospital's validation surrogates.
+
+A hospital whose firewall is not ready answers at once with "not ready: N of M
+photos done": it sits the round out, and the server records it.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.hospital import HospitalData, deidentify_hospital, simulation_hospitals
+from client.hospital import (
+    FirewallNotReady,
+    HospitalData,
+    load_hospital,
+    load_published,
+    node_dir,
+    prepare_hospital,
+    training_seed,
+)
 from models import segmentation
-from privacy_firewall.config import Config, load_run_config
+from server.differential_privacy import client_mods
+from skinfed.config import RunConfig, load_flower_run_config
+from skinfed.data import simulation_hospitals
 
-app = ClientApp()
+app = ClientApp(mods=client_mods())
 log = logging.getLogger("skinfed.client")
 
 
@@ -35,13 +51,14 @@ class HospitalError(RuntimeError):
 
 def reply_privately(handler):
     """An exception's text can hold local paths or file names; the server gets the
-    exception type only, the hospital's own log keeps the details."""
+    exception type only (and the not-ready counts), the hospital's own log keeps
+    the details."""
 
     @functools.wraps(handler)
     def wrapper(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
-        except NoUsableImages:
+        except (NoUsableImages, FirewallNotReady):
             raise
         except Exception as exc:
             log.exception("%s failed at this hospital", handler.__name__)
@@ -51,11 +68,31 @@ def reply_privately(handler):
     return wrapper
 
 
+@app.query()
+@reply_privately
+def prepare(msg: Message, context: Context) -> Message:
+    """Before round 1: de-identify this hospital's photos (simulation), or say how
+    far the firewall service is (deployment)."""
+    cfg = load_flower_run_config(context.run_config)
+    published = context.node_config.get("deidentified-path")
+    if published:
+        try:
+            hospital = load_published(cfg, str(published))
+            counts = {"ready": 1, "accepted": hospital.accepted, "refused": hospital.refused}
+        except FirewallNotReady as exc:
+            log.info("%s", exc)
+            counts = {"ready": 0, "accepted": 0, "refused": 0}
+    else:
+        data_dir, work_dir = hospital_folder(cfg, context)
+        cohort = prepare_hospital(cfg, data_dir, work_dir, progress=True)
+        counts = {"ready": 1, "accepted": cohort["ok"], "refused": cohort["failed"]}
+    return Message(RecordDict({"metrics": MetricRecord(counts)}), reply_to=msg)
+
+
 @app.train()
 @reply_privately
 def train(msg: Message, context: Context) -> Message:
-    cfg = load_run_config(context.run_config)
-    _maybe_fail_for_tests(context, msg)
+    cfg = load_flower_run_config(context.run_config)
     hospital = local_hospital(cfg, context)
     if not hospital.train:
         raise NoUsableImages(f"no de-identified images to train on ({hospital.refused} refused by the firewall)")
@@ -64,8 +101,8 @@ def train(msg: Message, context: Context) -> Message:
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     server_round = int(msg.content["config"].get("server-round", 0))
     result = segmentation.train(
-        model, hospital.train, cfg.model, device=_device(cfg),
-        seed=cfg.seed * 1_000_003 + server_round * 1009 + _partition(context),
+        model, hospital.train, cfg.model, device=device_for(cfg),
+        seed=training_seed(node_folder(cfg, context), server_round),
         proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
     )
     metrics = MetricRecord({
@@ -80,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @reply_privately
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg = load_run_config(context.run_config)
+    cfg = load_flower_run_config(context.run_config)
     hospital = local_hospital(cfg, context)
     pairs = hospital.validation or hospital.train
     if not pairs:
@@ -88,45 +125,55 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     model = segmentation.build_model(cfg.model)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    scores = segmentation.evaluate(model, [p.surrogate for p in pairs], [p.mask for p in pairs], device=_device(cfg))
+    scores = segmentation.evaluate(model, [p.surrogate for p in pairs], [p.mask for p in pairs], device=device_for(cfg))
     metrics = MetricRecord({"dice": scores["dice"], "iou": scores["iou"], "loss": scores["loss"],
                             "num-examples": scores["num_examples"]})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 # ----------------------------------------------------------------------------- helpers
-def local_hospital(cfg: Config, context: Context) -> HospitalData:
-    """This node's de-identified data: its ``data-path`` in deployment, or its
-    share of the synthetic clinic in the simulation."""
+def local_hospital(cfg: RunConfig, context: Context) -> HospitalData:
+    """This node's de-identified pairs: the firewall service's newest snapshot in
+    deployment (node config ``deidentified-path``), the firewall's output in the
+    simulation."""
+    published = context.node_config.get("deidentified-path")
+    if published:
+        return load_published(cfg, str(published))
+    data_dir, work_dir = hospital_folder(cfg, context)
+    return load_hospital(cfg, data_dir, work_dir)
+
+
+def hospital_folder(cfg: RunConfig, context: Context) -> tuple[str, str | None]:
+    """(photos, node work folder): the node's ``data-path`` (and ``work-path``) in a
+    deployment that runs the firewall in the ClientApp, or its share of the
+    simulation's hospitals (Flower's ``partition-id`` of ``num-partitions``)."""
     data_path = context.node_config.get("data-path")
     if data_path:
-        work_path = context.node_config.get("work-path") or None
-        return deidentify_hospital(cfg, str(data_path), work_path)
-    num_partitions = int(context.node_config.get("num-partitions", cfg.federation.num_hospitals))
-    if num_partitions != cfg.federation.num_hospitals:
+        return str(data_path), (str(context.node_config.get("work-path") or "") or None)
+    num_partitions = int(context.node_config.get("num-partitions", 1))
+    if cfg.federation.num_hospitals is not None and num_partitions != cfg.federation.num_hospitals:
         raise RuntimeError(
             f"the simulation has {num_partitions} SuperNodes but federation.num_hospitals="
-            f"{cfg.federation.num_hospitals}: launch with `scripts/run_federated.py federation.num_hospitals=N` or pass "
-            f"--federation-config 'num-supernodes={cfg.federation.num_hospitals}' to flwr run"
+            f"{cfg.federation.num_hospitals}: leave federation.num_hospitals=null (one hospital per SuperNode) or run "
+            f"`flwr run . --federation-config 'num-supernodes={cfg.federation.num_hospitals}'`"
         )
-    folders = simulation_hospitals(cfg)
-    return deidentify_hospital(cfg, folders[_partition(context)])
+    folders = simulation_hospitals(cfg, num_partitions)
+    return str(folders[int(context.node_config.get("partition-id", 0))]), None
 
 
-def _partition(context: Context) -> int:
-    return int(context.node_config.get("partition-id", 0))
+def node_folder(cfg: RunConfig, context: Context) -> Path:
+    """This node's private folder (firewall output, secret keys): its ``work-path``,
+    else one under ``paths.home`` named by its data."""
+    work_path = str(context.node_config.get("work-path") or "")
+    if context.node_config.get("deidentified-path"):
+        return Path(work_path) if work_path else Path(cfg.paths.home).expanduser() / "node"
+    data_dir, work_dir = hospital_folder(cfg, context)
+    return node_dir(cfg, data_dir, work_dir)
 
 
-def _device(cfg: Config) -> str:
+def device_for(cfg: RunConfig) -> str:
     if cfg.federation.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.federation.device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"federation.device={cfg.federation.device} but this node has no CUDA GPU: use auto or cpu")
     return cfg.federation.device
-
-
-def _maybe_fail_for_tests(context: Context, msg: Message) -> None:
-    """Fault injection for the robustness tests: SKINFED_FAIL_HOSPITAL=<partition id>."""
-    target = os.environ.get("SKINFED_FAIL_HOSPITAL")
-    if target is not None and target != "" and int(target) == _partition(context):
-        raise RuntimeError("injected failure (SKINFED_FAIL_HOSPITAL)")

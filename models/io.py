@@ -50,19 +50,3 @@ def atomic_torch_save(path: str | Path, obj: Any) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
-
-
-def write_png(path: str | Path, image) -> None:
-    """Atomic PNG write with no metadata (no EXIF, no text chunks)."""
-    import cv2
-    import numpy as np
-
-    arr = image
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8) * 255
-    elif arr.ndim == 3:
-        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", arr)
-    if not ok:
-        raise OSError(f"could not encode PNG for {Path(path).name}")
-    atomic_write_bytes(path, buf.tobytes())

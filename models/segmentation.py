@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import segmentation_models_pytorch as smp
@@ -18,13 +20,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privacy_firewall.config import ModelConfig
+from privacy_firewall.settings import ConfigError
 from privacy_firewall.training_data import DeidentifiedPair, require_deidentified
 
 log = logging.getLogger(__name__)
 
+ARCHITECTURES = ("Unet", "UnetPlusPlus", "FPN", "DeepLabV3Plus")
 
-def build_model(cfg: ModelConfig) -> nn.Module:
+
+@dataclass
+class SegmentationSettings:
+    """The U-Net and its local training (``conf/model/unet.yaml``, key ``model``)."""
+
+    architecture: str  # one of ARCHITECTURES (smp.create_model)
+    encoder: str
+    encoder_weights_path: Optional[str]  # a local file; ImageNet weights are never downloaded
+    encoder_depth: int
+    decoder_channels: list[int]
+    learning_rate: float
+    local_epochs: int
+    batch_size: int
+    augment: bool
+    dice_weight: float
+    bce_weight: float
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"model.architecture={self.architecture!r} is not valid; choose one of: "
+                                     f"{', '.join(ARCHITECTURES)}")
+        for name in ("learning_rate", "local_epochs", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be > 0")
+        if len(self.decoder_channels) != self.encoder_depth:
+            raise ConfigError(
+                f"model.decoder_channels has {len(self.decoder_channels)} entries; "
+                f"it needs one per encoder level (model.encoder_depth={self.encoder_depth})"
+            )
+
+
+def build_model(cfg: SegmentationSettings) -> nn.Module:
     """The U-Net of ``cfg``; never downloads ImageNet weights (local file only)."""
     model = smp.create_model(
         cfg.architecture,
@@ -91,7 +125,7 @@ class SegmentationLoss(nn.Module):
 def train(
     model: nn.Module,
     pairs: Sequence[DeidentifiedPair],
-    cfg: ModelConfig,
+    cfg: SegmentationSettings,
     epochs: int | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
@@ -109,7 +143,7 @@ def train(
 
 
 def train_centralised_baseline(model: nn.Module, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
-                               cfg: ModelConfig, epochs: int, device: str | torch.device = "cpu",
+                               cfg: SegmentationSettings, epochs: int, device: str | torch.device = "cpu",
                                seed: int = 0) -> dict[str, float]:
     """Train on raw images, bypassing the firewall: only for the no-privacy
     upper bounds of scripts/compare_privacy_cost.py. Hospitals use ``train``."""
@@ -118,7 +152,7 @@ def train_centralised_baseline(model: nn.Module, images: Sequence[np.ndarray], m
     return _fit(model, x, y, cfg, epochs, device, seed, 0.0)
 
 
-def _fit(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, cfg: ModelConfig, epochs: int | None,
+def _fit(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, cfg: SegmentationSettings, epochs: int | None,
          device: str | torch.device, seed: int, proximal_mu: float) -> dict[str, float]:
     device = torch.device(device)
     model.to(device).train()

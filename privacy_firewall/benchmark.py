@@ -50,9 +50,12 @@ import torch
 from tqdm import tqdm
 
 from privacy_firewall.backends import FlowBackend, load_backend
-from privacy_firewall.config import Config, load_config
 from privacy_firewall.flowedit import FlowEditSettings, flowedit
 from privacy_firewall.images import to_tensor_batch
+from privacy_firewall.settings import FirewallSettings, load_firewall_settings
+
+#: Seed of the benchmark's random weights and clinic images (public: nothing is edited for real).
+BENCHMARK_SEED = 0
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +119,7 @@ def _check_full_size_fits(architecture: str, device: torch.device, dtype: torch.
 
 
 def build_backend(
-    cfg: Config, random_weights: bool, architecture: str | None, tiny_dtype: str | None = None
+    cfg: FirewallSettings, random_weights: bool, architecture: str | None, tiny_dtype: str | None = None
 ) -> tuple[FlowBackend, str, str]:
     """The backend to measure: (backend, architecture, weights) with weights
     ``"pretrained"`` or ``"random"``. The tiny architectures run in fp32 unless
@@ -131,8 +134,8 @@ def build_backend(
         from privacy_firewall.backends.embedded import EmbeddedBackend
 
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            model = FlowUNet(FlowUNetConfig(image_size=cfg.backend.working_size))
+            torch.manual_seed(BENCHMARK_SEED)
+            model = FlowUNet(FlowUNetConfig(image_size=cfg.backend.working_size or 64))
         return EmbeddedBackend(model, device=device), architecture, "random"
 
     from privacy_firewall.backends import tiny
@@ -144,9 +147,9 @@ def build_backend(
         dtype = resolve_dtype(cfg.backend.dtype)
         _check_full_size_fits(architecture, device, dtype)
         build = tiny.build_random_sd3_pipeline if fam == "sd3" else tiny.build_random_flux_pipeline
-        pipe = build(architecture, dtype=dtype, device=device, seed=cfg.seed)
+        pipe = build(architecture, dtype=dtype, device=device, seed=BENCHMARK_SEED)
     else:
-        pipe = (tiny.build_tiny_sd3_pipeline if fam == "sd3" else tiny.build_tiny_flux_pipeline)(seed=cfg.seed)
+        pipe = (tiny.build_tiny_sd3_pipeline if fam == "sd3" else tiny.build_tiny_flux_pipeline)(seed=BENCHMARK_SEED)
         dtype = resolve_dtype(tiny_dtype or "fp32")
         if dtype != torch.float32:  # built in fp32 on the CPU
             pipe.to(dtype=dtype)
@@ -194,7 +197,7 @@ def peak_rss_mb() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-def benchmark(cfg: Config, args: Any) -> dict:
+def benchmark(cfg: FirewallSettings, args: Any) -> dict:
     """Measure the firewall's NFE, time and memory; see the module docstring.
 
     ``args``: the parsed ``benchmark`` arguments (random_weights, architecture,
@@ -213,18 +216,21 @@ def benchmark(cfg: Config, args: Any) -> dict:
         if cfg.backend.name != fam:
             if _explicit(overrides, "backend"):
                 raise _usage_error(f"--architecture {architecture} needs backend={fam}, but backend={cfg.backend.name} was given")
-            cfg = load_config([f"backend={fam}", *overrides])  # that family's FlowEdit defaults
+            cfg = load_firewall_settings([f"backend={fam}", *overrides])  # that family's FlowEdit defaults
     # Tiny models run in fp32 unless backend.dtype is given on the command line.
-    tiny_dtype = cfg.backend.dtype if _explicit(overrides, "backend.dtype") else None
+    tiny_dtype = cfg.backend.dtype if _explicit(overrides, "firewall.backend.dtype") else None
 
     t_load = time.perf_counter()
     backend, architecture, weights = build_backend(cfg, random_weights, architecture, tiny_dtype)
     load_seconds = time.perf_counter() - t_load
     device = backend.device
 
+    import secrets
+
     from privacy_firewall.firewall import PrivacyFirewall, pixel_digest
 
-    firewall = PrivacyFirewall(cfg, backend=backend, use_cache=False)
+    # A throw-away key: the benchmark edits nothing for real and must not create the hospital's key.
+    firewall = PrivacyFirewall(cfg, backend=backend, use_cache=False, key=secrets.token_bytes(32))
     if architecture in ("tiny-sd3", "tiny-flux"):
         default_size = TINY_SIZE
     else:
@@ -238,11 +244,12 @@ def benchmark(cfg: Config, args: Any) -> dict:
             f"multiples of {multiple}"
         )
 
-    images, sexes = clinic_images(n_images, height, width, cfg.seed)
-    plans = [firewall.prompts_for(s) for s in sexes]
-    seeds = [firewall.seed_for(pixel_digest(img)) for img in images]
-    settings = FlowEditSettings.from_config(cfg.firewall)
-    batch = cfg.firewall.batch_size
+    images, sexes = clinic_images(n_images, height, width, BENCHMARK_SEED)
+    identities = [firewall.identity_for(pixel_digest(img), 0) for img in images]
+    plans = [firewall._targets(s, ident) for s, ident in zip(sexes, identities)]
+    seeds = [firewall.noise_seed(pixel_digest(img), 0) for img in images]
+    settings = cfg.flowedit
+    batch = cfg.batch_size
     batches = [list(range(s, min(s + batch, n_images))) for s in range(0, n_images, batch)]
     k_configured = len(plans[0][1])
 
@@ -320,7 +327,7 @@ def benchmark(cfg: Config, args: Any) -> dict:
         "nfe_twin_pair_separate": separate,
         "nfe_saving": round(separate / nfe["twin_pair"], 6) if nfe["twin_pair"] else None,
         "nfe_saving_fraction": round(1 - nfe["twin_pair"] / separate, 6) if separate else None,
-        "original_healthy_twin": bool(cfg.firewall.original_healthy_twin),
+        "original_healthy_twin": bool(cfg.original_healthy_twin),
         "targets_configured": k_configured,
         "nfe_configured": nfe_configured,
         "seconds_per_image": round(statistics.median(configured_seconds), 6),

@@ -5,9 +5,10 @@
     privacy-firewall report OUTPUT_DIR
     privacy-firewall evaluate --n 64 [--out DIR] [key=value ...]
     privacy-firewall benchmark [--random-weights --architecture sd3-medium] [key=value ...]
+    privacy-firewall watch PHOTOS_DIR WORK_DIR [--publish DIR] [--interval 30] [--once] [key=value ...]
 
 ``key=value`` are Hydra overrides of conf/, e.g. ``backend=sd3
-backend.model_path=/models/sd3 firewall.target_guidance=7``.
+firewall.backend.model_path=/models/sd3 firewall.flowedit.target_guidance=7``.
 
 Exit codes: 0 every image succeeded; 1 some image failed (the others were still
 processed); 2 usage or configuration error.
@@ -25,9 +26,11 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _config(overrides: list[str]):
-    from privacy_firewall.config import load_config
+    """The firewall's settings: conf/ composed with ``overrides`` (the firewall
+    reads its own part only)."""
+    from privacy_firewall.settings import load_firewall_settings
 
-    return load_config(overrides)
+    return load_firewall_settings(overrides)
 
 
 def _threads() -> None:
@@ -97,7 +100,10 @@ def cmd_evaluate(args) -> int:
         raise UsageError(f"--n must be at least 1 and --panels at least 0 (got --n {args.n}, --panels {args.panels})")
     cfg = _config(args.overrides)
     _threads()
-    result = evaluate(cfg, n=args.n, out=Path(args.out), clinic_seed=args.clinic_seed, panels=args.panels)
+    if args.attack_train < 0:
+        raise UsageError(f"--attack-train must be at least 0 (got {args.attack_train})")
+    result = evaluate(cfg, n=args.n, out=Path(args.out), clinic_seed=args.clinic_seed, panels=args.panels,
+                      attacks=not args.no_attacks, attack_train=args.attack_train)
     print(json.dumps(result))
     return EXIT_OK
 
@@ -109,6 +115,29 @@ def cmd_benchmark(args) -> int:
     _threads()
     result = benchmark(cfg, args)
     print(json.dumps(result))
+    return EXIT_OK
+
+
+def cmd_watch(args) -> int:
+    """The firewall as a service (privacy_firewall/watch.py); overrides also come
+    from $SKINFED_OVERRIDES, as in the containers."""
+    import os
+
+    from privacy_firewall.deidentify import UsageError
+    from privacy_firewall.settings import parse_overrides
+    from privacy_firewall.watch import ERROR, READY, watch
+
+    if args.interval <= 0:
+        raise UsageError(f"--interval must be positive (got {args.interval})")
+    cfg = _config(parse_overrides(os.environ.get("SKINFED_OVERRIDES", "")) + list(args.overrides))
+    _threads()
+    status = watch(args.photos_dir, args.work_dir, cfg, published_dir=args.publish, interval=args.interval,
+                   once=args.once, progress=not args.quiet)
+    print(json.dumps({k: getattr(status, k) for k in ("state", "done", "total", "ok", "failed", "snapshot")}))
+    if status.state == ERROR:
+        return EXIT_FAILED
+    if args.once and (status.state != READY or status.failed):
+        return EXIT_FAILED  # as deidentify: some photo failed, or there was nothing to do
     return EXIT_OK
 
 
@@ -140,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/evaluate")
     p.add_argument("--clinic-seed", type=int, default=777, help="seed of the held-out clinic")
     p.add_argument("--panels", type=int, default=8, help="PNG panels to save")
+    p.add_argument("--no-attacks", action="store_true", help="skip the re-identification attacks")
+    p.add_argument("--attack-train", type=int, default=128,
+                   help="subjects of another clinic seed the attacker's matchers are trained on")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_evaluate)
 
@@ -152,6 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("watch", help="the firewall as a service: de-identify a photo folder and keep it up to date")
+    p.add_argument("photos_dir", help="the hospital's photos (read only)")
+    p.add_argument("work_dir", help="the firewall's own folder: full output, state (never shared)")
+    p.add_argument("--publish", default=None, metavar="DIR",
+                   help="where trainers read status.json and snapshots (default WORK_DIR/published)")
+    p.add_argument("--interval", type=float, default=30.0, help="seconds between rescans (default 30)")
+    p.add_argument("--once", action="store_true", help="one scan, then exit (for cron and tests)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_watch)
     return parser
 
 
@@ -166,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits 2 on bad use, 0 after --help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from privacy_firewall.config import ConfigError
     from privacy_firewall.deidentify import UsageError
+    from privacy_firewall.settings import ConfigError
 
     try:
         return args.func(args)

@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.io import atomic_write_json, write_png
-from privacy_firewall.config import Config
+from models.io import atomic_write_json
+from privacy_firewall.figures import heat_map
 from privacy_firewall.firewall import PhotoRequest, PrivacyFirewall
+from privacy_firewall.images import write_png
 from privacy_firewall.masks import (
     a_star_difference,
     calibrate_threshold,
@@ -38,6 +39,7 @@ from privacy_firewall.masks import (
     iou,
     threshold_grid,
 )
+from privacy_firewall.settings import FirewallSettings
 
 
 def _mean(values: list[float]) -> float:
@@ -46,13 +48,6 @@ def _mean(values: list[float]) -> float:
 
 def _std(values: list[float]) -> float:
     return round(float(np.std(values)), 4) if values else float("nan")
-
-
-def heat(difference: np.ndarray) -> np.ndarray:
-    import cv2
-
-    scaled = np.clip(difference / max(float(np.percentile(np.abs(difference), 99.5)), 1.0), 0, 1)
-    return cv2.cvtColor(cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_MAGMA), cv2.COLOR_BGR2RGB)
 
 
 def panel_figure(rows: list[dict], path: Path) -> None:
@@ -67,7 +62,7 @@ def panel_figure(rows: list[dict], path: Path) -> None:
     titles = ("source", "ground truth", "surrogate", "healthy twin", "a* difference", "mask vs truth")
     fig, axes = plt.subplots(len(rows), 6, figsize=(11, 1.9 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
-        images = (row["source"], row["truth"], row["surrogate"], row["healthy"], heat(row["difference"]),
+        images = (row["source"], row["truth"], row["surrogate"], row["healthy"], heat_map(row["difference"]),
                   agreement_image(row["truth"], row["mask"]))
         for c, img in enumerate(images):
             ax = axes[r, c]
@@ -82,15 +77,16 @@ def panel_figure(rows: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def evaluate(cfg: Config, n: int, out: Path, clinic_seed: int = 777, panels: int = 8, progress: bool = True) -> dict:
+def evaluate(settings: FirewallSettings, n: int, out: Path, clinic_seed: int = 777, panels: int = 8,
+             progress: bool = True, attacks: bool = True, attack_train: int = 128) -> dict:
     """Run the firewall on ``n`` held-out subjects and score it; writes
     ``out/evaluate.json`` and ``out/panels.png``; returns the metrics."""
     from synthetic_clinic import render_subject
 
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
-    cfg = replace(cfg, firewall=replace(cfg.firewall, original_healthy_twin=True))
-    firewall = PrivacyFirewall(cfg, use_cache=False)  # timings are part of the result
+    settings = replace(settings, original_healthy_twin=True)
+    firewall = PrivacyFirewall(settings, use_cache=False)  # timings are part of the result
     size = firewall.working_size
     subjects = [render_subject(clinic_seed, i, size) for i in range(n)]
     sex_word = {"female": "woman", "male": "man"}
@@ -102,7 +98,7 @@ def evaluate(cfg: Config, n: int, out: Path, clinic_seed: int = 777, panels: int
     if not ok:
         raise RuntimeError("the firewall failed on every subject: " + results[0].reason)
 
-    m = cfg.firewall.mask
+    m = settings.mask
     clean = {"open_radius": m.open_radius, "min_component_area": m.min_component_area}
     truth = {i: subjects[i].mask for i in ok}
     m_orig = {i: differential_mask(results[i].original_difference, m.default_threshold, **clean) for i in ok}
@@ -121,7 +117,7 @@ def evaluate(cfg: Config, n: int, out: Path, clinic_seed: int = 777, panels: int
     ceiling_healthy = [iou(orig_gt_diffs[i], truth[i]) for i in ok]
 
     # The judge: the attribute classifier shipped with the model.
-    judge = firewall._load_classifier()
+    judge = firewall.backend.attribute_classifier()
     judged: dict = {}
     if judge is not None:
         def predict(images: list[np.ndarray]) -> dict[str, list[str]]:
@@ -135,8 +131,10 @@ def evaluate(cfg: Config, n: int, out: Path, clinic_seed: int = 777, panels: int
         src = predict([subjects[i].pathological for i in ok])
         clinic_healthy = predict([subjects[i].healthy for i in ok])
         true_sex = [subjects[i].subject.sex for i in ok]
+        target_sex = ["female" if results[i].target_sex == "woman" else "male" for i in ok]
         judged = {
             "identity_flip_rate": _mean([p != t for p, t in zip(sur["sex"], true_sex)]),
+            "target_sex_rate": _mean([p == t for p, t in zip(sur["sex"], target_sex)]),
             "erythema_kept_rate": _mean([p == "present" for p in sur["erythema"]]),
             "erythema_removed_rate": _mean([p == "absent" for p in hea["erythema"]]),
             "original_healthy_twin_removed_rate": _mean(
@@ -148,7 +146,7 @@ def evaluate(cfg: Config, n: int, out: Path, clinic_seed: int = 777, panels: int
             },
         }
     else:
-        judged = {"identity_flip_rate": None, "erythema_kept_rate": None, "erythema_removed_rate": None,
+        judged = {"identity_flip_rate": None, "target_sex_rate": None, "erythema_kept_rate": None, "erythema_removed_rate": None,
                   "classifier_accuracy": None, "note": "no attribute classifier next to the model weights"}
 
     iou_syn_gt = [iou(m_syn[i], truth[i]) for i in ok]
@@ -162,6 +160,10 @@ def evaluate(cfg: Config, n: int, out: Path, clinic_seed: int = 777, panels: int
         "iou_syn_gt_std": _std(iou_syn_gt),
         "iou_orig_gt": _mean([iou(m_orig[i], truth[i]) for i in ok]),
         "iou_orig_syn": _mean([iou(m_orig[i], m_syn[i]) for i in ok]),
+        # The mask where it is used: against the erythema map the surrogate was
+        # drawn with (the patient's M_orig), i.e. is the label right for its image.
+        "iou_syn_map": _mean([iou(m_syn[i], erythema_map(results[i], settings)) for i in ok]),
+        "n_failed": n - len(ok),
         "mae_outside_mask": _mean(outside),
         "ceiling_opposite_sex_iou": _mean(ceiling_opposite),
         "ceiling_healthy_twin_iou": _mean(ceiling_healthy),
@@ -171,11 +173,10 @@ def evaluate(cfg: Config, n: int, out: Path, clinic_seed: int = 777, panels: int
         "nfe_per_image": results[ok[0]].nfe,
         "seconds_per_image": round(seconds / n, 4),
         "classifier_accuracy": judged.get("classifier_accuracy"),
-        "backend": cfg.backend.name,
+        "backend": settings.backend.name,
         "clinic_seed": clinic_seed,
-        "settings": {"steps": cfg.firewall.steps, "n_max": cfg.firewall.n_max, "n_min": cfg.firewall.n_min,
-                     "source_guidance": cfg.firewall.source_guidance, "target_guidance": cfg.firewall.target_guidance,
-                     "guidance_mode": cfg.firewall.guidance_mode, "default_threshold": m.default_threshold},
+        "settings": {**settings.to_dict()["flowedit"], "identity": settings.to_dict()["identity"],
+                     "default_threshold": m.default_threshold},
     }
 
     out = Path(out)
@@ -192,5 +193,112 @@ def evaluate(cfg: Config, n: int, out: Path, clinic_seed: int = 777, panels: int
 
     figures.calibration_figure(calibration.thresholds, calibration.iou_curve, theta, out / "calibration.png",
                                "original differential mask")
+    if attacks:
+        metrics.update(attack_report(firewall, subjects, results, ok, m_syn, out, clinic_seed, attack_train, progress))
     atomic_write_json(out / "evaluate.json", {**metrics, "per_subject_iou_syn_gt": [round(v, 4) for v in iou_syn_gt]})
     return metrics
+
+
+def erythema_map(result, settings: FirewallSettings) -> np.ndarray:
+    """The erythema map a new identity is drawn with: the patient's own
+    differential mask at ``identity.erythema_map_threshold``."""
+    m = settings.mask
+    return differential_mask(result.original_difference, settings.identity.erythema_map_threshold, m.open_radius,
+                             m.min_component_area)
+
+
+def attack_report(firewall: PrivacyFirewall, subjects: list, results: list, ok: list[int], m_syn: dict,
+                  out: Path, clinic_seed: int, attack_train: int, progress: bool) -> dict:
+    """Re-identification as an attacker who has the code, the weights and a gallery
+    of the n candidate photos (every held-out subject) tries it, and what each
+    surrogate keeps of its source. Attackers:
+
+    * ``pixel``: nearest neighbour in raw pixels;
+    * ``matcher``: a small CNN trained on (photo, surrogate) pairs the attacker made
+      with the firewall (with a key of its own) on another clinic seed;
+    * ``replay``: the attacker runs the firewall, without the hospital's key, on
+      every candidate photo and names the one whose surrogate is nearest;
+    * ``mask_only``: the surrogate's mask against the candidates' true masks (IoU),
+      and a matcher trained on (true mask, surrogate mask) pairs: the floor the
+      erythema pattern sets (kept by design).
+    """
+    import secrets
+
+    from privacy_firewall.reidentification import (
+        LearnedMatcherAttack,
+        attribute_retention,
+        mask_iou_attack,
+        pixel_attack,
+        reid_gallery_figure,
+        replay_attack,
+        retained_above_chance,
+    )
+    from synthetic_clinic import render_subject
+
+    sex_word = {"female": "woman", "male": "man"}
+    gallery = [s.pathological for s in subjects]
+    gallery_masks = np.stack([s.mask for s in subjects])
+    surrogates = [results[i].surrogate for i in ok]
+    report: dict = {}
+    # The attacker's own firewall: the same code, weights and settings, another key.
+    attacker = PrivacyFirewall(firewall.settings, backend=firewall.backend, use_cache=False, key=secrets.token_bytes(32))
+    attacker.gate = firewall.gate
+
+    pixel = pixel_attack(surrogates, gallery, ok)
+    replay = replay_attack(
+        surrogates, gallery,
+        lambda photos, _guess: [r.surrogate if r.ok else None for r in attacker.run(
+            [PhotoRequest(p, sex_word[s.subject.sex]) for p, s in zip(photos, subjects)])],
+        true_index=ok)
+    mask_iou = mask_iou_attack(np.stack([m_syn[i] for i in ok]), gallery_masks, ok, name="mask_iou")
+
+    # Training pairs made by the attacker on another clinic seed.
+    train_subjects = [render_subject(clinic_seed + 1000, i, firewall.working_size) for i in range(attack_train)]
+    train_results = attacker.run([PhotoRequest(s.pathological, sex_word[s.subject.sex]) for s in train_subjects],
+                                 progress=progress)
+    pairs = [(s, r) for s, r in zip(train_subjects, train_results) if r.ok]
+    attacks = [pixel, replay, mask_iou]
+    if len(pairs) >= 16:
+        matcher = LearnedMatcherAttack().fit(np.stack([s.pathological for s, _ in pairs]),
+                                             np.stack([r.surrogate for _, r in pairs]), progress=progress)
+        attacks.append(matcher.attack(surrogates, gallery, ok, name="matcher"))
+        theta = firewall.settings.mask.default_threshold
+        train_masks = np.stack([differential_mask(r.a_star_difference, theta, firewall.settings.mask.open_radius)
+                                for _, r in pairs])
+        mask_matcher = LearnedMatcherAttack().fit(np.stack([s.mask for s, _ in pairs]), train_masks, progress=progress)
+        attacks.append(mask_matcher.attack(np.stack([m_syn[i] for i in ok]), gallery_masks, ok, name="mask_matcher"))
+    for a in attacks:
+        report.update(a.metrics())
+    report["reid_top1_mask_only"] = max(report["reid_top1_mask_iou"], report.get("reid_top1_mask_matcher", 0.0))
+    report["reid_top5_mask_only"] = max(report["reid_top5_mask_iou"], report.get("reid_top5_mask_matcher", 0.0))
+    report["replay_exact_matches"] = replay.extra.get("exact_replays", 0)
+    report["gate_refused_rate"] = _mean([(not r.ok) and "still identifiable" in r.reason for r in results])
+    report["gate"] = firewall.gate.description
+
+    judge = _attribute_judge(firewall)
+    if judge is not None:
+        def predict(images: list[np.ndarray]) -> dict[str, list[str]]:
+            from privacy_firewall.images import prepare, to_tensor_batch
+
+            with torch.no_grad():
+                return judge.predict(to_tensor_batch([prepare(x, 64, 8, True).pixels for x in images]))
+
+        src = predict([subjects[i].pathological for i in ok])
+        sur = predict(surrogates)
+        full_face = np.array([subjects[i].subject.view == "full_face" for i in ok])
+        retention = attribute_retention(src, sur, include=full_face)
+        report["attribute_retention"] = retention
+        report["attributes_kept_above_chance"] = retained_above_chance(retention, exempt=("erythema", "view"))
+    reid_gallery_figure(out / "reidentification.png", [subjects[i].pathological for i in ok], surrogates, gallery,
+                        attacks, rows=6, true_index=ok)
+    return report
+
+
+def _attribute_judge(firewall: PrivacyFirewall):
+    """The identity-attribute judge shipped next to the embedded weights, if any."""
+    folder = firewall.backend.folder
+    if folder is None or not (Path(folder) / "attribute_judge.safetensors").is_file():
+        return None
+    from models.attribute_classifier import load_classifier
+
+    return load_classifier(folder, name="attribute_judge")

@@ -32,6 +32,14 @@ def overlay(image: np.ndarray, mask: np.ndarray, colour=(0, 255, 0), alpha: floa
     return out.astype(np.uint8)
 
 
+def heat_map(difference: np.ndarray) -> np.ndarray:
+    """An a* difference as an RGB heat map (magma), scaled to its 99.5th percentile."""
+    import cv2
+
+    scaled = np.clip(difference / max(float(np.percentile(np.abs(difference), 99.5)), 1.0), 0, 1)
+    return cv2.cvtColor(cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_MAGMA), cv2.COLOR_BGR2RGB)
+
+
 def agreement_image(m_orig: np.ndarray, m_syn: np.ndarray) -> np.ndarray:
     """Fig. 4 overlay: M_orig green, M_syn magenta, agreement white."""
     out = np.zeros((*m_orig.shape, 3), np.uint8)

@@ -1,55 +1,76 @@
 """The privacy firewall: photo in, (surrogate, healthy twin, a* difference) out.
 
-For each photo, one FlowEdit traversal from the photo with one noise sequence
-makes, sharing the source branch:
+For each photo (``firewall.identity.mode=new_identity``, the default):
 
-1. the **surrogate** (pathological twin): the opposite sex, erythema kept;
-2. its **healthy twin**: the same new identity with clear skin;
-3. optionally the **original's healthy twin**: the patient's own identity with
-   clear skin, whose difference to the photo is the patient's mask M_orig.
+1. **A new identity** is drawn: a sex and one phrase for every identity attribute
+   the backend can express (hair, eyes, face shape, ears, brows, beard,
+   background, jewellery...), from the hospital's secret key and the photo's
+   digest (:mod:`privacy_firewall.identity`, :mod:`privacy_firewall.secret_key`).
+2. **FlowEdit from the photo** makes the patient's own healthy twin; the a*
+   difference between photo and twin is the patient's erythema, M_orig.
+3. **The surrogate and its healthy twin** come from the same secret noise:
+   - with a backend that takes an erythema map (the embedded model), both are
+     drawn from noise with the new identity's prompt, the surrogate with M_orig
+     as its erythema map and the twin with none: nothing of the photo but its
+     erythema reaches them;
+   - otherwise (SD3/FLUX), they are targets of the FlowEdit traversal of step 2,
+     with the new identity's prompt (one traversal, shared source branch).
+4. **The gate** (:mod:`privacy_firewall.gate`) checks the surrogate against its
+   source with an identity matcher; a surrogate still linked to its source is
+   redrawn with another identity, and the photo is refused after
+   ``identity.attempts`` tries.
 
 The differential mask is then ``a*(surrogate) - a*(healthy twin) > theta``.
+(``mode=opposite_sex`` is the paper's single traversal with the opposite sex's
+prompt: kept for comparison, it is not de-identification.)
 
-Fail closed: an edit that raised, produced non-finite values or a blank image
-yields ``status="failed"`` and no pixels at all, so it cannot reach training.
-Results are cached by content (decoded pixels + every setting that changes the
-output), so the same photo is never edited twice, by the CLI or a Flower client.
+Fail closed: a photo the backend was not made for, an edit that raised,
+produced non-finite values or a blank image, or a surrogate the gate links to its
+source yields ``status="failed"`` and no pixels at all, so it cannot reach
+training. Results are cached by an HMAC of the pixels and every setting that
+changes the output under the secret key: the same photo is never edited twice,
+and the cache does not tell which photo it holds.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from models.io import atomic_write_json, write_png
+from models.io import atomic_write_json
 from privacy_firewall.backends import FlowBackend, load_backend
-from privacy_firewall.config import Config
-from privacy_firewall.flowedit import FlowEditSettings, flowedit
-from privacy_firewall.images import prepare, to_tensor_batch, to_uint8_images
-from privacy_firewall.masks import a_star_difference
+from privacy_firewall.flowedit import flowedit
+from privacy_firewall.gate import IdentityGate, choose_matcher
+from privacy_firewall.identity import Identity, draw_identity
+from privacy_firewall.images import (
+    Prepared,
+    pixel_digest,
+    prepare,
+    read_rgb_png,
+    to_tensor_batch,
+    to_uint8_images,
+    write_png,
+)
+from privacy_firewall.masks import a_star_difference, differential_mask
+from privacy_firewall.secret_key import derive_seed, keyed_digest, load_or_create_key
+from privacy_firewall.settings import FirewallSettings
 
 log = logging.getLogger(__name__)
 
+#: Words a metadata ``sex`` column may hold, and the prompt word for each.
 SEX_WORDS = {"female": "woman", "woman": "woman", "f": "woman", "male": "man", "man": "man", "m": "man"}
 OPPOSITE = {"woman": "man", "man": "woman"}
 
-
-def pixel_digest(rgb: np.ndarray) -> str:
-    """Content hash of decoded pixels (shape included): the cache's image key."""
-    h = hashlib.sha256()
-    h.update(str(rgb.shape).encode())
-    h.update(np.ascontiguousarray(rgb).tobytes())
-    return h.hexdigest()
+__all__ = ["FirewallCache", "PhotoRequest", "PrivacyFirewall", "TwinResult", "pixel_digest"]
 
 
 @dataclass
@@ -67,9 +88,14 @@ class TwinResult:
     original_difference: np.ndarray | None = None
     source_sex: str = ""
     target_sex: str = ""
+    identity: tuple[str, ...] = ()  # the drawn identity's phrases
+    attempts: int = 0  # draws the gate needed
+    gate_distance: float | None = None
     nfe: float = 0.0
     seconds: float = 0.0
     cached: bool = False
+    # Where the cache holds this result's images (the output folder links them).
+    files: dict[str, Path] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -79,13 +105,17 @@ class TwinResult:
 class FirewallCache:
     """Content-addressed store of firewall results: ``root/ab/<key>/``.
 
-    It holds the images only; a* differences are recomputed on load with the
-    current mask settings (cheap), so mask settings are not part of the key.
+    Keys are HMACs under the hospital's secret key, so the cache cannot be
+    searched for a given photo. It holds the images only; a* differences are
+    recomputed on load with the current mask settings (cheap), so mask settings
+    are not part of the key. It lives on the hospital's node: ``original.png``
+    is the photo at working size (needed for M_orig), never shared.
 
     An entry is written into a temporary folder and renamed into place, so a
     killed run leaves either a whole entry or none."""
 
     FILES = ("surrogate", "healthy_twin", "original", "original_healthy_twin")
+    META = ("source_sex", "target_sex", "identity", "attempts", "gate_distance", "nfe", "seconds")
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser()
@@ -99,13 +129,12 @@ class FirewallCache:
         if not meta_path.is_file():
             return None
         try:
-            from synthetic_clinic.clinic import read_rgb
-
             meta = json.loads(meta_path.read_text())
-            arrays = {name: read_rgb(d / f"{name}.png") for name in self.FILES if (d / f"{name}.png").exists()}
-            return TwinResult(
-                status="ok", cached=True, **{k: meta[k] for k in ("source_sex", "target_sex", "nfe", "seconds")}, **arrays,
-            )
+            files = {name: d / f"{name}.png" for name in self.FILES if (d / f"{name}.png").exists()}
+            arrays = {name: read_rgb_png(path) for name, path in files.items()}
+            values = {k: meta[k] for k in self.META}
+            values["identity"] = tuple(values["identity"])
+            return TwinResult(status="ok", cached=True, files=files, **values, **arrays)
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
             log.warning("firewall cache entry %s unreadable (%s); it will be recomputed", key[:12], exc)
             return None
@@ -114,24 +143,23 @@ class FirewallCache:
         if not result.ok:
             return  # failures are not cached: they are retried
         final = self._dir(key)
-        if final.exists():
-            return
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{key[:8]}-"))
-        try:
-            for name in self.FILES:
-                img = getattr(result, name)
-                if img is not None:
-                    write_png(tmp / f"{name}.png", img)
-            atomic_write_json(tmp / "meta.json", {
-                "source_sex": result.source_sex, "target_sex": result.target_sex,
-                "nfe": result.nfe, "seconds": result.seconds,
-            })
-            os.rename(tmp, final)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not final.exists():
-                raise
+        if not final.exists():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{key[:8]}-"))
+            try:
+                for name in self.FILES:
+                    img = getattr(result, name)
+                    if img is not None:
+                        write_png(tmp / f"{name}.png", img)
+                meta = {k: getattr(result, k) for k in self.META}
+                meta["identity"] = list(meta["identity"])
+                atomic_write_json(tmp / "meta.json", meta)
+                os.rename(tmp, final)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not final.exists():
+                    raise
+        result.files = {name: final / f"{name}.png" for name in self.FILES if (final / f"{name}.png").exists()}
 
 
 @dataclass
@@ -148,80 +176,80 @@ class PhotoRequest:
 
 
 class PrivacyFirewall:
-    """FlowEdit twins for batches of photos, with caching and fail-closed checks."""
+    """De-identified twins for batches of photos, with caching and fail-closed checks."""
 
-    def __init__(self, cfg: Config, backend: FlowBackend | None = None, cache: FirewallCache | None = None,
-                 use_cache: bool = True) -> None:
-        self.cfg = cfg
-        self.backend = backend or load_backend(cfg.backend)
-        self.settings = FlowEditSettings.from_config(cfg.firewall)
-        self.cache = cache if cache is not None else (FirewallCache(cfg.paths.firewall_cache) if use_cache else None)
-        self._classifier = None
-        self._square = self.backend.name == "embedded"
-        self.working_size = getattr(self.backend, "working_size", cfg.backend.working_size)
+    def __init__(self, settings: FirewallSettings, backend: FlowBackend | None = None,
+                 cache: FirewallCache | None = None, use_cache: bool = True, key: bytes | None = None) -> None:
+        self.settings = settings
+        self.backend = backend or load_backend(settings.backend)
+        self._key = key
+        self.cache = cache if cache is not None else (FirewallCache(settings.cache_dir) if use_cache else None)
+        self.working_size = settings.backend.working_size or self.backend.native_size
+        self.gate = IdentityGate(settings.gate, choose_matcher(settings.gate, self.backend))
+        self.draws_from_map = (settings.identity.mode == "new_identity" and settings.identity.use_erythema_map
+                               and self.backend.supports_erythema_map)
+
+    @property
+    def key(self) -> bytes:
+        """The hospital's secret key, read (or made) on first use, so that a run that
+        stops at a usage error writes nothing."""
+        if self._key is None:
+            self._key = load_or_create_key(self.settings.key_file)
+        return self._key
 
     # -- what changes the output ------------------------------------------------------
     def fingerprint(self) -> dict:
-        """Every setting that changes the firewall's pixels (the cache key's config part)."""
-        fw = self.cfg.firewall
+        """Every setting that changes the firewall's pixels (the cache key's config part).
+        The key itself is not in it: it keys the HMAC."""
+        s = self.settings
         return {
             "backend": self.backend.name,
-            "model": getattr(self.backend, "fingerprint", None) or self.cfg.backend.model_path,
-            "dtype": self.cfg.backend.dtype,
+            "model": self.backend.fingerprint or s.backend.model_path,
+            "dtype": s.backend.dtype,
             "working_size": self.working_size,
-            "flowedit": asdict(self.settings),
-            "prompts": asdict(fw.prompts),
-            "fallback_target_sex": fw.fallback_target_sex,
-            "original_healthy_twin": fw.original_healthy_twin,
-            "seed": self.cfg.seed,
-            "version": 1,
+            "flowedit": s.to_dict()["flowedit"],
+            "prompts": s.to_dict()["prompts"],
+            "identity": s.to_dict()["identity"],
+            "gate": self.gate.description,
+            "fallback_target_sex": s.fallback_target_sex,
+            "original_healthy_twin": s.original_healthy_twin,
+            "version": 2,
         }
 
     def cache_key(self, digest: str, source_sex: str) -> str:
-        blob = json.dumps({"image": digest, "sex": source_sex, "config": self.fingerprint()}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        blob = json.dumps({"sex": source_sex, "config": self.fingerprint()}, sort_keys=True)
+        return keyed_digest(self.key, "cache", digest, blob).hex()
 
-    def seed_for(self, digest: str) -> int:
-        """Noise seed of a photo: from the run seed and the pixels, never the file name."""
-        return int(hashlib.sha256(f"{self.cfg.seed}:{digest}".encode()).hexdigest()[:15], 16)
+    def noise_seed(self, digest: str, attempt: int) -> int:
+        """The edit's noise: secret, per photo and per gate attempt."""
+        return derive_seed(self.key, "noise", digest, str(attempt))
+
+    def identity_for(self, digest: str, attempt: int) -> Identity:
+        return draw_identity(self.backend.identity_attributes(), derive_seed(self.key, "identity", digest, str(attempt)))
 
     # -- sex of the source --------------------------------------------------------------
     def resolve_sex(self, requests: list[PhotoRequest]) -> list[str]:
-        forced = self.cfg.firewall.source_sex
+        forced = self.settings.source_sex
         if forced != "auto":
             return [forced] * len(requests)
         out: list[str | None] = [SEX_WORDS.get(str(r.sex).lower()) if r.sex else None for r in requests]
         unknown = [i for i, s in enumerate(out) if s is None]
-        if unknown and self.backend.name == "embedded":
-            classifier = self._load_classifier()
-            if classifier is not None:
-                prepared = [prepare(requests[i].pixels, 64, 8, True).pixels for i in unknown]
-                pred = classifier.predict(to_tensor_batch(prepared))["sex"]
-                for i, p in zip(unknown, pred):
-                    out[i] = SEX_WORDS[p]
+        classifier = self.backend.attribute_classifier() if unknown else None
+        if classifier is not None:
+            prepared = [self._prepare(requests[i].pixels).pixels for i in unknown]
+            for i, p in zip(unknown, classifier.predict(to_tensor_batch(prepared))["sex"]):
+                out[i] = SEX_WORDS[p]
         return [s or "person" for s in out]
 
-    def _load_classifier(self):
-        if self._classifier is None:
-            from models.attribute_classifier import load_classifier
-
-            folder = getattr(self.backend, "folder", None)
-            if folder is not None and (Path(folder) / "attribute_classifier.safetensors").exists():
-                self._classifier = load_classifier(folder)
-        return self._classifier
-
-    def prompts_for(self, sex: str) -> tuple[str, list[str], str]:
-        """(source prompt, target prompts, target sex) for a source of ``sex``."""
-        p = self.cfg.firewall.prompts
-        target_sex = OPPOSITE.get(sex, self.cfg.firewall.fallback_target_sex)
-        targets = [p.target.format(sex=sex, target_sex=target_sex), p.healthy.format(sex=sex, target_sex=target_sex)]
-        if self.cfg.firewall.original_healthy_twin:
-            targets.append(p.original_healthy.format(sex=sex, target_sex=target_sex))
-        return p.source.format(sex=sex, target_sex=target_sex), targets, target_sex
+    def _prepare(self, pixels: np.ndarray) -> Prepared:
+        square = self.backend.input_geometry == "square"
+        return prepare(pixels, self.working_size, self.backend.size_multiple, square)
 
     # -- the work -----------------------------------------------------------------------
     def run(self, requests: list[PhotoRequest], progress: bool = False) -> list[TwinResult]:
         """Twins for every request, in order. Cached results are reused."""
+        from tqdm import tqdm
+
         sexes = self.resolve_sex(requests)
         results: list[TwinResult | None] = [None] * len(requests)
         keys = [self.cache_key(r.digest, s) for r, s in zip(requests, sexes)]
@@ -232,19 +260,23 @@ class PrivacyFirewall:
                 results[i] = self.add_differences(hit)
             else:
                 todo.append(i)
+        prepared = {i: self._prepare(requests[i].pixels) for i in todo}
+        if self.settings.gate.out_of_distribution_check and todo:
+            for i, reason in zip(todo, self.backend.out_of_distribution([prepared[i].pixels for i in todo])):
+                if reason:
+                    results[i] = TwinResult(status="failed", reason=reason)
+            todo = [i for i in todo if results[i] is None]
         # Photos of one working shape share a forward pass.
-        prepared = {i: prepare(requests[i].pixels, self.working_size, self.backend.size_multiple, self._square) for i in todo}
         by_shape: dict[tuple, list[int]] = {}
         for i in todo:
             by_shape.setdefault(prepared[i].pixels.shape, []).append(i)
-        batches = [idx[s : s + self.cfg.firewall.batch_size] for idx in by_shape.values()
-                   for s in range(0, len(idx), self.cfg.firewall.batch_size)]
-        from tqdm import tqdm
-
+        size = self.settings.batch_size
+        batches = [idx[s: s + size] for idx in by_shape.values() for s in range(0, len(idx), size)]
         bar = tqdm(total=len(todo), desc="privacy firewall", unit="photo", disable=not progress or not todo)
         for batch in batches:
-            for i, res in zip(batch, self._edit_batch([prepared[i] for i in batch], [requests[i].digest for i in batch],
-                                                      [sexes[i] for i in batch])):
+            edited = self._edit_with_gate([prepared[i] for i in batch], [requests[i].digest for i in batch],
+                                          [sexes[i] for i in batch])
+            for i, res in zip(batch, edited):
                 results[i] = self.add_differences(res)
                 if self.cache and res.ok:
                     self.cache.put(keys[i], res)
@@ -255,26 +287,81 @@ class PrivacyFirewall:
     def add_differences(self, res: TwinResult) -> TwinResult:
         """Fill in the a* differences with the current mask settings."""
         if res.ok:
-            m = self.cfg.firewall.mask
+            m = self.settings.mask
             res.a_star_difference = a_star_difference(res.surrogate, res.healthy_twin, m.signed, m.blur_sigma)
             if res.original_healthy_twin is not None:
                 res.original_difference = a_star_difference(res.original, res.original_healthy_twin, m.signed, m.blur_sigma)
         return res
 
-    def _edit_batch(self, prepared, digests: list[str], sexes: list[str]) -> list[TwinResult]:
+    def _edit_with_gate(self, prepared: list[Prepared], digests: list[str], sexes: list[str]) -> list[TwinResult]:
+        """Edit, check every surrogate against its source, redraw the ones still
+        linked to it, and refuse them after ``identity.attempts`` draws."""
+        results: list[TwinResult | None] = [None] * len(prepared)
+        pending = list(range(len(prepared)))
+        for attempt in range(self.settings.identity.attempts):
+            edited = self._edit_batch([prepared[i] for i in pending], [digests[i] for i in pending],
+                                      [sexes[i] for i in pending], attempt)
+            ok = [(i, r) for i, r in zip(pending, edited) if r.ok]
+            for i, r in zip(pending, edited):
+                if not r.ok:
+                    results[i] = r  # a broken edit is not retried with another identity
+            verdicts = self.gate.check([prepared[i].crop(prepared[i].pixels) for i, _ in ok], [r.surrogate for _, r in ok])
+            pending = []
+            for (i, r), verdict in zip(ok, verdicts):
+                r.attempts, r.gate_distance = attempt + 1, verdict.distance
+                if verdict.passed:
+                    results[i] = r
+                else:
+                    results[i] = TwinResult(status="failed", reason=verdict.reason, attempts=attempt + 1,
+                                            gate_distance=verdict.distance)
+                    if verdict.distance is not None:
+                        pending.append(i)  # linked, not unmeasurable: another identity may pass
+            if not pending:
+                break
+        for i in pending:
+            results[i].reason += f"; refused after {self.settings.identity.attempts} identities"  # type: ignore[union-attr]
+        return results  # type: ignore[return-value]
+
+    def _targets(self, sex: str, identity: Identity | None) -> tuple[str, list[str], str]:
+        """(source prompt, target prompts [surrogate, healthy twin, original's healthy
+        twin?], target sex) for a source of ``sex``."""
+        p = self.settings.prompts
+        if identity is None:  # opposite_sex
+            target_sex, suffix = OPPOSITE.get(sex, self.settings.fallback_target_sex), ""
+        else:
+            target_sex, suffix = identity.sex, identity.prompt_suffix()
+        fields = {"sex": sex, "target_sex": target_sex, "identity": suffix}
+        targets = [p.target.format(**fields), p.healthy.format(**fields)]
+        if self.settings.original_healthy_twin:
+            targets.append(p.original_healthy.format(**fields))
+        return p.source.format(**fields), targets, target_sex
+
+    def _edit_batch(self, prepared: list[Prepared], digests: list[str], sexes: list[str], attempt: int) -> list[TwinResult]:
         t0 = time.perf_counter()
+        new_identity = self.settings.identity.mode == "new_identity"
+        identities = [self.identity_for(d, attempt) if new_identity else None for d in digests]
+        if new_identity:  # what the backend keeps of the source by design (e.g. the view: the mask is in it)
+            kept = self.backend.kept_attributes([p.pixels for p in prepared])
+            identities = [Identity(i.sex, i.phrases + k) for i, k in zip(identities, kept)]
+        plans = [self._targets(s, ident) for s, ident in zip(sexes, identities)]
+        image_size = tuple(prepared[0].pixels.shape[:2])
         try:
             with torch.inference_mode():
+                nfe_before = self.backend.nfe
                 x = self.backend.encode_images(to_tensor_batch([p.pixels for p in prepared]).to(self.backend.device))
-                plans = [self.prompts_for(s) for s in sexes]
-                edit = flowedit(
-                    self.backend, x, [p[0] for p in plans], [p[1] for p in plans], self.settings,
-                    [self.seed_for(d) for d in digests], image_size=tuple(prepared[0].pixels.shape[:2]),
-                )
-                lat = edit.latents
-                finite = torch.isfinite(lat.flatten(1)).all(dim=1).tolist()
-                k = lat.shape[1]
-                decoded = [to_uint8_images(self.backend.decode_latents(lat[:, j])) for j in range(k)]
+                if self.draws_from_map:
+                    surrogate, healthy, original_healthy = self._draw_from_erythema_map(x, plans, digests, attempt, image_size)
+                else:
+                    edit = flowedit(self.backend, x, [p[0] for p in plans], [p[1] for p in plans], self.settings.flowedit,
+                                    [self.noise_seed(d, attempt) for d in digests], image_size=image_size)
+                    surrogate, healthy = edit.latents[:, 0], edit.latents[:, 1]
+                    original_healthy = edit.latents[:, 2] if edit.latents.shape[1] > 2 else None
+                nfe = (self.backend.nfe - nfe_before) / len(prepared)
+                finite = torch.isfinite(torch.cat([surrogate.flatten(1), healthy.flatten(1)], 1)).all(dim=1).tolist()
+                decoded_surrogate = to_uint8_images(self.backend.decode_latents(surrogate))
+                decoded_healthy = to_uint8_images(self.backend.decode_latents(healthy))
+                decoded_original_healthy = (to_uint8_images(self.backend.decode_latents(original_healthy))
+                                            if original_healthy is not None else None)
                 original = to_uint8_images(self.backend.decode_latents(x))
         except Exception as exc:  # fail closed: nothing from this batch goes on
             log.exception("firewall batch failed")
@@ -282,20 +369,51 @@ class PrivacyFirewall:
             return [TwinResult(status="failed", reason=reason[:300]) for _ in prepared]
         seconds = (time.perf_counter() - t0) / len(prepared)
         out = []
-        min_std = self.cfg.firewall.min_output_std
+        min_std = self.settings.min_output_std
         for b, p in enumerate(prepared):
             if not finite[b]:
                 out.append(TwinResult(status="failed", reason="edit produced NaN or infinite values"))
                 continue
-            surrogate, healthy = p.crop(decoded[0][b]), p.crop(decoded[1][b])
-            if min(surrogate.std(), healthy.std()) < min_std:
+            surrogate_img, healthy_img = p.crop(decoded_surrogate[b]), p.crop(decoded_healthy[b])
+            if min(surrogate_img.std(), healthy_img.std()) < min_std:
                 out.append(TwinResult(status="failed", reason=f"edit produced a blank image (pixel std < {min_std})"))
                 continue
             res = TwinResult(
-                status="ok", surrogate=surrogate, healthy_twin=healthy, source_sex=sexes[b], target_sex=self.prompts_for(sexes[b])[2], nfe=edit.nfe_per_image, seconds=seconds,
+                status="ok", surrogate=surrogate_img, healthy_twin=healthy_img, source_sex=sexes[b],
+                target_sex=plans[b][2], identity=identities[b].phrases if identities[b] else (), nfe=nfe,
+                seconds=seconds,
             )
-            if k > 2:
+            if decoded_original_healthy is not None:
                 res.original = p.crop(original[b])
-                res.original_healthy_twin = p.crop(decoded[2][b])
+                res.original_healthy_twin = p.crop(decoded_original_healthy[b])
             out.append(res)
         return out
+
+    def _draw_from_erythema_map(self, x: torch.Tensor, plans: list, digests: list[str], attempt: int,
+                                image_size: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps 2-3 for a backend that takes an erythema map: the patient's healthy
+        twin by FlowEdit and M_orig from it; the new identity drawn from noise with
+        M_orig as its erythema map (the surrogate); then the surrogate's own healthy
+        twin by the same FlowEdit from the surrogate (the same secret noise), so the
+        twin keeps the surrogate's identity and loses only the erythema."""
+        settings = self.settings.flowedit
+        noise = [self.noise_seed(d, attempt) for d in digests]
+        own = flowedit(self.backend, x, [p[0] for p in plans], [[p[1][2]] for p in plans], settings, noise,
+                       image_size=image_size)
+        original_healthy = own.latents[:, 0]
+        m = self.settings.mask
+        photos = to_uint8_images(self.backend.decode_latents(x))
+        twins = to_uint8_images(self.backend.decode_latents(original_healthy))
+        maps = [differential_mask(a_star_difference(photo, twin, m.signed, m.blur_sigma),
+                                  self.settings.identity.erythema_map_threshold, m.open_radius, m.min_component_area)
+                for photo, twin in zip(photos, twins)]
+        erythema_map = torch.from_numpy(np.stack(maps)).float()[:, None].to(x.device)
+        # n_max = n_min = steps: FlowEdit degenerates to plain sampling of the target from noise.
+        sampling = replace(settings, n_max=settings.steps, n_min=settings.steps)
+        drawn = flowedit(self.backend, x, [p[0] for p in plans], [[p[1][0]] for p in plans], sampling,
+                         [derive_seed(self.key, "identity-noise", d, str(attempt)) for d in digests],
+                         image_size=image_size, target_maps=[erythema_map])
+        surrogate = drawn.latents[:, 0]
+        healthy = flowedit(self.backend, surrogate, [p[1][0] for p in plans], [[p[1][1]] for p in plans], settings,
+                           noise, image_size=image_size, target_maps=[torch.zeros_like(erythema_map)])
+        return surrogate, healthy.latents[:, 0], original_healthy

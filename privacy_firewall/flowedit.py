@@ -37,6 +37,13 @@ noise, so ``z_src`` and ``V_src`` are the same for all of them: the source branc
 is evaluated once per step and shared. With true CFG a step costs 2 + 2k model
 evaluations for k targets instead of 4k for k separate runs. The model is
 guidance-distilled (FLUX.1-dev) -> 1 + k.
+
+Erythema maps. A backend that takes a spatial erythema map (the embedded model,
+version 2) can be given one per target (``target_maps``): the map conditions the
+target branch (and is unknown in the unconditional and source branches), so
+classifier-free guidance pushes the target toward "erythema exactly here". With
+``n_max = n_min = steps`` FlowEdit is plain sampling of the target from noise:
+that is how a new identity is drawn with nothing of the photo but its map.
 """
 
 from __future__ import annotations
@@ -47,35 +54,9 @@ import torch
 from tqdm import tqdm
 
 from privacy_firewall.backends.base import FlowBackend
+from privacy_firewall.settings import FlowEditSettings
 
-
-@dataclass
-class FlowEditSettings:
-    steps: int = 30
-    n_max: int = 21
-    n_min: int = 0
-    n_avg: int = 1
-    source_guidance: float = 2.0
-    target_guidance: float = 5.0
-    guidance_mode: str = "cfg"  # cfg | mixed
-    mixed_source_guidance: float = 1.5
-
-    @classmethod
-    def from_config(cls, fw) -> FlowEditSettings:
-        """From a :class:`privacy_firewall.config.FirewallConfig`."""
-        return cls(
-            steps=fw.steps, n_max=fw.n_max, n_min=fw.n_min, n_avg=fw.n_avg,
-            source_guidance=fw.source_guidance, target_guidance=fw.target_guidance,
-            guidance_mode=fw.guidance_mode, mixed_source_guidance=fw.mixed_source_guidance,
-        )
-
-    def check(self) -> None:
-        if not 0 <= self.n_min <= self.n_max <= self.steps:
-            raise ValueError(f"need 0 <= n_min ({self.n_min}) <= n_max ({self.n_max}) <= steps ({self.steps})")
-        if self.n_avg < 1:
-            raise ValueError(f"n_avg must be >= 1, got {self.n_avg}")
-        if self.guidance_mode not in ("cfg", "mixed"):
-            raise ValueError(f"guidance_mode must be cfg or mixed, got {self.guidance_mode!r}")
+__all__ = ["FlowEditResult", "FlowEditSettings", "flowedit"]
 
 
 @dataclass
@@ -94,6 +75,7 @@ def flowedit(
     image_size: tuple[int, int] | None = None,
     max_batch: int = 64,
     progress: bool = False,
+    target_maps: list[torch.Tensor | None] | None = None,
 ) -> FlowEditResult:
     """Edit each source latent toward each of its target prompts.
 
@@ -105,18 +87,22 @@ def flowedit(
             so an image's result does not depend on the batch it is in.
         image_size: (H, W) in pixels, for resolution-dependent schedules.
         max_batch: most latents per model call.
+        target_maps: per target, an erythema map (B, 1, H, W) in [0, 1] or None
+            (unknown), for backends with ``supports_erythema_map``.
 
     Returns:
         ``latents`` (B, k, ...): ``latents[i, j]`` is image i edited to target j;
         ``nfe_per_image``: model evaluations spent per source image.
     """
-    settings.check()
     b = source_latents.shape[0]
     k = len(target_prompts[0]) if b else 0
     if len(source_prompts) != b or len(target_prompts) != b or len(seeds) != b:
         raise ValueError("need one source prompt, one target list and one seed per image")
     if any(len(t) != k for t in target_prompts):
         raise ValueError("every image needs the same number of target prompts")
+    if target_maps is not None and len(target_maps) != k:
+        raise ValueError(f"{len(target_maps)} erythema maps for {k} targets (give None for a target without one)")
+    use_maps = target_maps is not None and any(m is not None for m in target_maps)
     x_src = source_latents
     device, dtype = x_src.device, x_src.dtype
     if image_size is None:
@@ -136,26 +122,39 @@ def flowedit(
     def draw_noise() -> torch.Tensor:
         return torch.stack([torch.randn(x_src.shape[1:], generator=g) for g in generators]).to(device, dtype)
 
-    def evaluate(latents: list[torch.Tensor], prompts: list[int], scales: list[float], t: float) -> torch.Tensor:
+    def spatial_for(j: int | None) -> torch.Tensor:
+        """(B, 2, H, W): target j's map with the known flag, or an unknown map."""
+        unknown = torch.zeros((b, 2, *x_src.shape[2:]), device=device, dtype=dtype)
+        if j is None or target_maps is None or target_maps[j] is None:
+            return unknown
+        the_map = target_maps[j].to(device, dtype)
+        return torch.cat([the_map, torch.ones_like(the_map)], dim=1)
+
+    def evaluate(latents: list[torch.Tensor], prompts: list[int], scales: list[float], t: float,
+                 spatial: list[torch.Tensor]) -> torch.Tensor:
         """One batched model evaluation of (latent, prompt) pairs, in chunks."""
         z = torch.cat(latents)
+        maps = torch.cat(spatial) if use_maps else None
         rows = torch.tensor(prompts)
         guidance = torch.tensor(scales, dtype=torch.float32)
         outs = []
         for start in range(0, z.shape[0], max_batch):
             sl = slice(start, start + max_batch)
-            outs.append(backend.velocity(z[sl], t, cond_all.index(rows[sl]), guidance[sl].to(device)))
+            outs.append(backend.velocity(z[sl], t, cond_all.index(rows[sl]), guidance[sl].to(device),
+                                         spatial=maps[sl] if maps is not None else None))
         return torch.cat(outs)
 
     def velocities(z_src: torch.Tensor | None, z_tars: list[torch.Tensor], t: float):
         """V_src (B, ...) for the shared source branch (None if z_src is None) and
         V_tar per target (k x (B, ...))."""
-        lat, pr, sc, parts = [], [], [], []  # parts: (name, target index)
+        lat, pr, sc, sp, parts = [], [], [], [], []  # parts: (name, target index)
 
-        def add(z: torch.Tensor, prompts: list[str], scale: float, name: tuple) -> None:
+        def add(z: torch.Tensor, prompts: list[str], scale: float, name: tuple, map_of: int | None = None) -> None:
             lat.append(z)
             pr.extend(row[p] for p in prompts)
             sc.extend([scale] * b)
+            if use_maps:
+                sp.append(spatial_for(map_of))
             parts.append(name)
 
         empty = [""] * b
@@ -170,12 +169,12 @@ def flowedit(
             if mixed or true_cfg:
                 scale = 1.0
                 add(z_tar, empty, scale, (j, "u"))
-                add(z_tar, tgt, scale, (j, "t"))
+                add(z_tar, tgt, scale, (j, "t"), map_of=j)
                 if use_src_in_target:
                     add(z_tar, source_prompts, scale, (j, "s"))
             else:
-                add(z_tar, tgt, settings.target_guidance, (j, "g"))
-        v = evaluate(lat, pr, sc, t).split(b)
+                add(z_tar, tgt, settings.target_guidance, (j, "g"), map_of=j)
+        v = evaluate(lat, pr, sc, t, sp).split(b)
         got = dict(zip(parts, v))
 
         v_src = None

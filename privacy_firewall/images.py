@@ -1,11 +1,16 @@
-"""Reading patient photos defensively, and preparing them for a backend.
+"""The product's image I/O: patient photos in, the firewall's PNGs out and back.
 
-Every photo comes out as RGB uint8 with its EXIF orientation applied and no
-metadata kept, or raises :class:`ImageRejected` with a reason a person can act on.
+* :func:`load_photo`: a patient photo, read defensively. It comes out as RGB
+  uint8 with its EXIF orientation applied and no metadata kept, or raises
+  :class:`ImageRejected` with a reason a person can act on.
+* :func:`write_png` / :func:`read_rgb_png` / :func:`read_mask_png`: the firewall's
+  own outputs (surrogates, twins, masks), written atomically with no metadata.
+* :func:`prepare`: a photo at a backend's working size.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import warnings
@@ -16,7 +21,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from models.io import write_png  # noqa: F401  (re-exported: the firewall writes PNGs through it)
+from models.io import atomic_write_bytes
 
 #: Photos above this many pixels are refused as possible decompression bombs
 #: (about 100 megapixels: larger than any clinical camera's photo).
@@ -157,3 +162,42 @@ def to_uint8_images(batch) -> list[np.ndarray]:
     to keep the cast defined: the firewall refuses non-finite edits by its own check."""
     arr = (batch.detach().float().nan_to_num(0.0).clamp(0, 1) * 255.0 + 0.5).to("cpu").numpy().astype(np.uint8)
     return [np.ascontiguousarray(a.transpose(1, 2, 0)) for a in arr]
+
+
+def pixel_digest(rgb: np.ndarray) -> str:
+    """Content hash of decoded pixels (shape included): a photo's identity for the
+    firewall, whatever its file name or format."""
+    h = hashlib.sha256()
+    h.update(str(rgb.shape).encode())
+    h.update(np.ascontiguousarray(rgb).tobytes())
+    return h.hexdigest()
+
+
+def write_png(path: str | Path, image: np.ndarray) -> None:
+    """Atomic PNG write with no metadata (no EXIF, no text chunks). RGB uint8, or a
+    bool mask (written 0/255)."""
+    arr = image
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.ndim == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", arr)
+    if not ok:
+        raise OSError(f"could not encode PNG for {Path(path).name}")
+    atomic_write_bytes(path, buf.tobytes())
+
+
+def read_rgb_png(path: str | Path) -> np.ndarray:
+    """An RGB uint8 image the firewall wrote."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise OSError(f"cannot read image {Path(path).name}")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def read_mask_png(path: str | Path) -> np.ndarray:
+    """A bool mask the firewall wrote (> 127 = erythema)."""
+    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if m is None:
+        raise OSError(f"cannot read mask {Path(path).name}")
+    return m > 127

@@ -70,7 +70,7 @@ def deidentified_ids(firewall_output: str | Path) -> list[str]:
 
 def load_deidentified(firewall_output: str | Path, ids: list[str] | None = None) -> list[DeidentifiedPair]:
     """The (surrogate, mask) pairs of a firewall output folder, for ids whose status is ok."""
-    from synthetic_clinic.clinic import read_mask, read_rgb
+    from privacy_firewall.images import read_mask_png, read_rgb_png
 
     out = Path(firewall_output)
     ok = deidentified_ids(out)
@@ -80,5 +80,19 @@ def load_deidentified(firewall_output: str | Path, ids: list[str] | None = None)
         surrogate, mask = out / "surrogates" / f"{i}.png", out / "masks" / f"{i}.png"
         if not (surrogate.is_file() and mask.is_file()):
             continue  # fail closed: an incomplete entry is not trained on
-        pairs.append(DeidentifiedPair(i, read_rgb(surrogate), read_mask(mask) > 0, _FIREWALL_TOKEN))
+        pairs.append(DeidentifiedPair(i, read_rgb_png(surrogate), read_mask_png(mask), _FIREWALL_TOKEN))
     return pairs
+
+
+def relabel(pairs: list[DeidentifiedPair], masks: dict[str, np.ndarray]) -> list[DeidentifiedPair]:
+    """The same surrogates with other masks (by id), for comparing label sources:
+    only the labels change. A pair with no mask in ``masks`` is left out."""
+    out = []
+    for p in require_deidentified(pairs):
+        mask = masks.get(p.id)
+        if mask is None:
+            continue
+        if mask.shape != p.mask.shape:
+            raise ValueError(f"a replacement mask of shape {mask.shape} for a surrogate of {p.mask.shape}")
+        out.append(DeidentifiedPair(p.id, p.surrogate, np.asarray(mask, dtype=bool).copy(), _FIREWALL_TOKEN))
+    return out

@@ -42,16 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (the run's own config is used first)")
     args = parser.parse_args(argv)
 
-    from client.hospital import _clinic_dir, holdout_set, synthetic_hospitals
     from models import segmentation
     from models.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-    from privacy_firewall.config import load_config, load_saved_config
     from privacy_firewall.firewall import PhotoRequest, PrivacyFirewall
     from privacy_firewall.masks import differential_mask
+    from skinfed.config import load_run_config, load_saved_config
+    from skinfed.data import _clinic_dir, holdout_set, synthetic_hospitals
     from synthetic_clinic.clinic import read_mask, read_rgb
 
     torch.set_num_threads(1)
-    base = load_config(args.overrides)
+    base = load_run_config(args.overrides)
     run_dir = Path(args.run) if args.run else latest_run(Path(base.paths.runs).expanduser())
     # The run's own configuration, so the comparison matches what was federated.
     cfg = load_saved_config(run_dir / "config.yaml", args.overrides)
@@ -60,12 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     epochs = cfg.federation.num_rounds * cfg.model.local_epochs
 
     clinic = _clinic_dir(cfg)
-    folders = synthetic_hospitals(cfg)
+    folders = synthetic_hospitals(cfg, cfg.federation.num_hospitals or 4)
     stems = sorted(p.stem for f in folders for p in (f / "images").iterdir())
     originals = [read_rgb(clinic / "images" / f"{s}.png") for s in stems]
     truths = [read_mask(clinic / "masks" / f"{s}.png") for s in stems]
     sexes = {r.split(",")[0]: r.split(",")[1] for f in folders for r in (f / "metadata.csv").read_text().splitlines()[1:]}
-    firewall = PrivacyFirewall(cfg)  # cache shared with the run: no new edits
+    # The run's hospitals each have their own secret key, so these are new edits of
+    # the same photos with the same settings (statistically the same surrogates).
+    firewall = PrivacyFirewall(cfg.firewall)
     twins = firewall.run([PhotoRequest(img, sexes.get(s)) for img, s in zip(originals, stems)], progress=True)
     ok = [i for i, t in enumerate(twins) if t.ok]
     m = cfg.firewall.mask
@@ -81,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         return out.astype(bool) if img.dtype == bool else out
 
     # theta* as the hospitals calibrate it: against the originals' own differential masks.
-    from privacy_firewall.deidentify import cohort_masks
+    from privacy_firewall.calibration import cohort_masks
 
-    cohort = cohort_masks([twins[i] for i in ok], [None] * len(ok), cfg)
+    cohort = cohort_masks([twins[i] for i in ok], [None] * len(ok), cfg.firewall.mask)
     hold_images, hold_masks = holdout_set(cfg)
 
     def train_and_score(name: str, images: list, masks: list) -> dict:

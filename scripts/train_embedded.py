@@ -1,6 +1,7 @@
 """Train the embedded flow model (and its attribute classifier) on the synthetic clinic.
 
     python -m scripts.train_embedded flow --out runs/embedded --steps 20000
+    python -m scripts.train_embedded flow --out runs/embedded-v2 --init-from models/embedded --steps 6000
     python -m scripts.train_embedded classifier --out runs/embedded
     python -m scripts.train_embedded export --out runs/embedded   # -> models/embedded/
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.attribute_classifier import HEADS, AttributeClassifier, save_classifier
-from models.flow_unet import FlowUNet, FlowUNetConfig, save_flow_unet
+from models.flow_unet import ATTRIBUTE_SLOTS, FlowUNet, FlowUNetConfig, load_flow_unet, save_flow_unet
 from models.io import atomic_torch_save, atomic_write_json
 from synthetic_clinic import render_subject
 from synthetic_clinic.render import Subject
@@ -44,14 +45,51 @@ def attribute_phrases(s: Subject) -> list[str]:
     return phrases
 
 
+def _tercile(value: float, low: float, high: float) -> int:
+    edges = np.linspace(low, high, 4)[1:3]
+    return int(np.searchsorted(edges, value))
+
+
+def subject_slots(s: Subject) -> list[int]:
+    """The version-2 caption of a clinic subject as slot values (1-based; see
+    models.flow_unet.ATTRIBUTE_SLOTS). ``state`` is left unspecified: the image
+    kind decides it."""
+    r, g, b = (int(c >= 0.55) for c in s.background)
+    value = {
+        "sex": 1 if s.sex == "female" else 2,
+        "state": 0,
+        "skin": ("light", "medium", "dark").index(s.skin_tone_group) + 1,
+        "hair_colour": ("black", "brown", "blond", "red", "gray").index(s.hair_colour) + 1,
+        "hair_length": 2 if s.hair_length > 0.5 else 1,
+        "beard": 2 if s.beard > 0.3 else 1,
+        "ears": 2 if s.ear_group == "large" else 1,
+        "brows": 2 if s.brow_group == "thick" else 1,
+        "eyes": ("brown", "blue", "green", "hazel").index(s.iris_colour) + 1,
+        "eye_size": 2 if s.eye_size >= 1.0 else 1,
+        "eye_spacing": _tercile(s.eye_spacing, 0.30, 0.42) + 1,
+        "face": _tercile(s.face_width, 0.50, 0.672) + 1,
+        "jaw": 2 if s.jaw_squareness >= 0.5 else 1,
+        "hairline": _tercile(s.hairline, 0.0, 1.0) + 1,
+        "lips": 2 if s.lip_redness >= 0.55 else 1,
+        "background": 4 * r + 2 * g + b + 1,
+        "earrings": ("none", "gold", "red").index(s.earring) + 1,
+        "piercing": ("none", "nose", "brow").index(s.piercing) + 1,
+        "view": 2 if s.view == "periocular" else 1,
+    }
+    return [value[name] for name in ATTRIBUTE_SLOTS]
+
+
 def build_pool(n_subjects: int, size: int, cache: Path) -> dict[str, np.ndarray]:
     """Render (or load) the training pool: per subject its pathological image,
-    healthy twin and opposite-sex image, plus the attributes the captions use."""
+    healthy twin and opposite-sex image with their erythema masks, plus the
+    attributes the captions use (phrases for version 1, slots for version 2)."""
     if cache.exists():
         data = np.load(cache, allow_pickle=False)
-        if int(data["images"].shape[0]) == n_subjects and int(data["images"].shape[2]) == size:
+        if int(data["images"].shape[0]) == n_subjects and int(data["images"].shape[2]) == size and "slots" in data.files:
             return {k: data[k] for k in data.files}
     images = np.zeros((n_subjects, 3, size, size, 3), np.uint8)
+    masks = np.zeros((n_subjects, 2, size, size), bool)  # pathological, opposite
+    slots = np.zeros((n_subjects, 2, len(ATTRIBUTE_SLOTS)), np.int64)  # subject, opposite-sex subject
     phrases: list[str] = []
     sexes = np.zeros(n_subjects, np.int64)
     tones = np.zeros(n_subjects, np.int64)
@@ -59,11 +97,14 @@ def build_pool(n_subjects: int, size: int, cache: Path) -> dict[str, np.ndarray]
     for i in tqdm(range(n_subjects), desc="render training pool", unit="subject"):
         cs = render_subject(TRAIN_CLINIC_SEED, i, size)
         images[i] = np.stack([cs.pathological, cs.healthy, cs.opposite])
+        masks[i] = np.stack([cs.mask, cs.opposite_mask])
+        slots[i] = [subject_slots(cs.subject), subject_slots(cs.subject.with_opposite_sex())]
         phrases.append("|".join(attribute_phrases(cs.subject)))
         sexes[i] = HEADS["sex"].index(cs.subject.sex)
         tones[i] = HEADS["skin_tone_group"].index(cs.subject.skin_tone_group)
         views[i] = HEADS["view"].index(cs.subject.view)
-    pool = {"images": images, "phrases": np.array(phrases), "sex": sexes, "tone": tones, "view": views}
+    pool = {"images": images, "masks": masks, "slots": slots, "phrases": np.array(phrases), "sex": sexes,
+            "tone": tones, "view": views}
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".partial.npz")
     np.savez(tmp, **pool)
@@ -90,6 +131,36 @@ def sample_captions(pool: dict, idx: np.ndarray, kinds: np.ndarray, rng: np.rand
             phrases = [p for p in phrases if p not in ("beard", "long hair", "short hair")]
         captions.append(", ".join([f"photo of a {person} {state}", *phrases]))
     return captions
+
+
+def sample_slot_conditions(pool: dict, idx: np.ndarray, kinds: np.ndarray, rng: np.random.Generator,
+                           size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Version-2 conditions: slot values with per-slot dropout (so any subset of
+    attributes can be asked for) and the erythema map, known or not.
+
+    kind 0: pathological (its mask), 1: healthy twin (an empty map), 2: opposite sex."""
+    n_slots = len(ATTRIBUTE_SLOTS)
+    state = list(ATTRIBUTE_SLOTS).index("state")
+    sex = list(ATTRIBUTE_SLOTS).index("sex")
+    tokens = np.zeros((len(idx), n_slots), np.int64)
+    spatial = np.zeros((len(idx), 2, size, size), np.float32)
+    for row, (i, kind) in enumerate(zip(idx, kinds)):
+        values = pool["slots"][i, 1 if kind == 2 else 0].copy()
+        values[state] = 2 if kind == 1 else 1
+        if rng.random() < 0.15:
+            values[sex] = 3  # "person"
+        keep = rng.random(n_slots) >= 0.3
+        keep[state] |= rng.random() < 0.5  # the state is named more often than the rest
+        values = np.where(keep, values, 0)
+        drop_all = rng.random() < 0.1
+        if drop_all:
+            values[:] = 0
+        tokens[row] = values
+        if rng.random() < (0.15 if drop_all else 0.6):  # the map is known
+            spatial[row, 1] = 1.0
+            if kind != 1:
+                spatial[row, 0] = pool["masks"][i, 1 if kind == 2 else 0]
+    return torch.from_numpy(tokens), torch.from_numpy(spatial)
 
 
 def plot_losses(history: list[tuple[int, float]], path: Path) -> None:
@@ -123,9 +194,13 @@ def train_flow(args: argparse.Namespace) -> None:
     pool = build_pool(args.pool, args.size, out / f"pool_{args.pool}_{args.size}.npz")
     images = torch.from_numpy(pool["images"])  # (N, 3, H, W, 3) uint8
 
-    config = FlowUNetConfig(image_size=args.size, channels=tuple(args.channels))
+    slots = args.conditioning == "attribute_slots"
+    config = FlowUNetConfig(image_size=args.size, channels=tuple(args.channels), conditioning=args.conditioning,
+                            spatial_channels=2 if slots else 0)
     torch.manual_seed(args.seed)
     model = FlowUNet(config).to(device)
+    if args.init_from and not (out / "checkpoint.pt").exists():
+        warm_start(model, load_flow_unet(args.init_from))
     ema = copy.deepcopy(model).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     rng = np.random.default_rng(args.seed)
@@ -163,7 +238,12 @@ def train_flow(args: argparse.Namespace) -> None:
         idx = rng.integers(0, images.shape[0], size=args.batch)
         kinds = rng.integers(0, 3, size=args.batch)
         x0 = images[torch.from_numpy(idx), torch.from_numpy(kinds)].permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
-        captions = sample_captions(pool, idx, kinds, rng, p_drop=0.1)
+        spatial = None
+        if slots:
+            tokens, spatial = sample_slot_conditions(pool, idx, kinds, rng, args.size)
+            tokens, spatial = tokens.to(device), spatial.to(device)
+        else:
+            tokens = model.caption_tokens(sample_captions(pool, idx, kinds, rng, p_drop=0.1))
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.sigmoid(torch.randn(args.batch, generator=gen)).to(device)  # logit-normal
         xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
@@ -171,7 +251,7 @@ def train_flow(args: argparse.Namespace) -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            pred = model(xt, t, model.encode_captions(model.caption_tokens(captions)))
+            pred = model(xt, t, model.encode_captions(tokens), spatial)
         loss = F.mse_loss(pred.float(), noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -191,6 +271,25 @@ def train_flow(args: argparse.Namespace) -> None:
     bar.close()
     save()
     print(json.dumps({"steps": step, "loss": float(np.mean([h[1] for h in history[-200:]])), "out": str(out)}))
+
+
+def warm_start(model: FlowUNet, source: FlowUNet) -> None:
+    """Start from a trained model's image prior: copy every weight of the same
+    shape; the stem's extra (erythema map) inputs start at zero, so the warm
+    model first behaves as if the map were absent."""
+    own = model.state_dict()
+    copied = 0
+    for name, value in source.state_dict().items():
+        if name in own and own[name].shape == value.shape:
+            own[name] = value.clone()
+            copied += 1
+        elif name == "stem.weight" and own[name].shape[1] > value.shape[1]:
+            # pixel_unshuffle puts the 3 image channels' 12 planes first.
+            own[name].zero_()
+            own[name][:, : value.shape[1]] = value
+            copied += 1
+    model.load_state_dict(own)
+    print(f"warm start: {copied} of {len(own)} tensors from the previous model")
 
 
 def train_classifier(args: argparse.Namespace) -> None:
@@ -242,7 +341,12 @@ def train_classifier(args: argparse.Namespace) -> None:
 
 
 def export(args: argparse.Namespace) -> None:
-    """Copy the trained weights into models/embedded/ (what the package ships)."""
+    """Copy the trained weights into models/embedded/ (what the package ships) and
+    calibrate the out-of-distribution threshold of the exported model on held-out
+    clinic faces (seed 777; the training seed is never used for it)."""
+    from models.io import atomic_write_json
+    from privacy_firewall.backends.embedded import OOD_FILE, EmbeddedBackend, calibrate_out_of_distribution
+
     src = Path(args.out)
     EMBEDDED_DIR.mkdir(parents=True, exist_ok=True)
     for name in ("flow_unet.safetensors", "flow_unet.json", "attribute_classifier.safetensors",
@@ -250,6 +354,15 @@ def export(args: argparse.Namespace) -> None:
         if (src / name).exists():
             shutil.copyfile(src / name, EMBEDDED_DIR / name)
             print("exported", name)
+    torch.set_num_threads(args.threads)
+    backend = EmbeddedBackend(load_flow_unet(EMBEDDED_DIR), folder=None)
+    images = []
+    for i in range(256):
+        cs = render_subject(777, i, args.size)
+        images += [cs.pathological, cs.healthy, cs.opposite]
+    ood = calibrate_out_of_distribution(backend, images)
+    atomic_write_json(EMBEDDED_DIR / OOD_FILE, ood)
+    print("out-of-distribution threshold", json.dumps(ood))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -271,6 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     flow.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128])
     flow.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on recent CPUs and GPUs)")
     flow.add_argument("--checkpoint-every", type=int, default=250)
+    flow.add_argument("--conditioning", choices=("bag_of_words", "attribute_slots"), default="attribute_slots")
+    flow.add_argument("--init-from", default=None, help="warm start from this model folder (e.g. models/embedded)")
     sub.choices["classifier"].add_argument("--classifier-steps", type=int, default=1500)
     args = parser.parse_args(argv)
     {"flow": train_flow, "classifier": train_classifier, "export": export}[args.command](args)

@@ -1,12 +1,15 @@
 """The coordinating server's Flower ServerApp.
 
 The story of a run: compose the configuration, open the run directory (or the
-one to resume), check that every hospital is connected, then let flwr's strategy
-(FedAvg by default) run the rounds. After each round the server scores the
-global model on held-out *original* identities with ground-truth masks, the
-paper's question: does a model trained on surrogates work on real patients? It
-checkpoints and records the round, and at the end saves the final model and
-prints where the results are.
+one to resume), wait for the hospitals, and ask each to get its privacy firewall
+ready — the de-identification happens here, before round 1, with its own
+timeout and progress, never inside a timed round. Then flwr's strategy (FedAvg
+by default, optionally wrapped in Flower's differential privacy) runs the
+rounds. After each round the server scores the global model on held-out
+*original* identities with ground-truth masks, the paper's question: does a
+model trained on surrogates work on real patients? It checkpoints and records
+the round (which hospitals trained, failed or never answered), and at the end
+saves the final model and prints where the results are.
 """
 
 from __future__ import annotations
@@ -15,14 +18,15 @@ import logging
 import time
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from client.hospital import holdout_set
 from models import segmentation
-from privacy_firewall.config import Config, load_run_config
+from server.differential_privacy import wrap_with_differential_privacy
 from server.run_directory import RunDirectory
 from server.strategy import make_strategy
+from skinfed.config import RunConfig, load_flower_run_config
+from skinfed.data import holdout_set
 
 app = ServerApp()
 log = logging.getLogger("skinfed.server")
@@ -30,18 +34,21 @@ log = logging.getLogger("skinfed.server")
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = load_run_config(context.run_config)
+    cfg = load_flower_run_config(context.run_config)
     torch.manual_seed(cfg.seed)
+    hospitals = wait_for_hospitals(grid, cfg)
+    cfg = cfg.with_hospitals(len(hospitals))
     run = RunDirectory.create(cfg, context.run_id)
     rounds_left = cfg.federation.num_rounds - run.offset
     say(f"run directory: {run.path}" + (f" (resuming after round {run.offset})" if run.offset else ""))
-    wait_for_hospitals(grid, cfg)
+    prepare_hospitals(grid, hospitals, cfg)
 
     model = segmentation.build_model(cfg.model)
     start = run.checkpoint_state() or model.state_dict()
     images, masks = holdout_set(cfg)
     device = "cuda" if cfg.federation.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    strategy = make_strategy(cfg)
+    strategy = make_strategy(cfg, cfg.federation.required_hospitals(len(hospitals)))
+    private = wrap_with_differential_privacy(strategy, cfg.federation.dp, num_sampled_clients=len(hospitals))
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Score the global model on original identities, then checkpoint the round."""
@@ -50,15 +57,17 @@ def main(grid: Grid, context: Context) -> None:
         model.load_state_dict(arrays.to_torch_state_dict())
         scores = segmentation.evaluate(model, images, masks, device=device) if images else {}
         done = run.offset + server_round
+        extra = private.round_privacy(server_round) if server_round else {}
         record = run.record_round(
-            done, scores, strategy.train_summary.get(server_round, {}), strategy.evaluate_summary.get(server_round, {}),
+            done, scores, {**strategy.train_summary.get(server_round, {}), **extra},
+            strategy.evaluate_summary.get(server_round, {}),
             {k: v.detach().cpu() for k, v in model.state_dict().items()},
         )
         say(round_line(record, cfg.federation.num_rounds))
         return MetricRecord({k: float(scores[k]) for k in ("dice", "iou", "loss")}) if scores else None
 
     if rounds_left > 0:
-        result = strategy.start(
+        result = private.strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(start),
             num_rounds=rounds_left,
@@ -74,23 +83,61 @@ def main(grid: Grid, context: Context) -> None:
     say(f"  metrics: {run.path / 'metrics.json'}  curve: {run.path / 'convergence.png'}")
 
 
-def wait_for_hospitals(grid: Grid, cfg: Config) -> None:
-    """Wait until the required hospitals are connected; say what to do if not."""
-    want, need = cfg.federation.num_hospitals, cfg.federation.required_hospitals
+def wait_for_hospitals(grid: Grid, cfg: RunConfig) -> list[int]:
+    """The connected hospitals' node ids, after waiting at most
+    ``federation.connect_timeout`` for all of them (``federation.num_hospitals``,
+    or until the count stops growing when it is null); says what to do if too few."""
+    want = cfg.federation.num_hospitals
     deadline = time.time() + cfg.federation.connect_timeout
-    while len(list(grid.get_node_ids())) < want and time.time() < deadline:
+    nodes = sorted(grid.get_node_ids())
+    settled_since = time.time()
+    while time.time() < deadline:
+        if want is not None and len(nodes) >= want:
+            break
+        if want is None and nodes and time.time() - settled_since > 3.0:
+            break  # the simulation registers its SuperNodes together
         time.sleep(0.5)
-    have = len(list(grid.get_node_ids()))
-    if have < need:
+        now = sorted(grid.get_node_ids())
+        if now != nodes:
+            nodes, settled_since = now, time.time()
+    need = cfg.federation.required_hospitals(len(nodes)) if want is None else cfg.federation.required_hospitals(want)
+    if len(nodes) < max(need, 1):
         raise RuntimeError(
-            f"{have} hospital(s) connected after {cfg.federation.connect_timeout:.0f} s, {need} needed "
-            f"(federation.num_hospitals={want}). In the simulation the number of SuperNodes must match: use "
-            f"`skinfed-run federation.num_hospitals={want}` or `flwr run . --stream --federation-config "
-            f"'num-supernodes={want}'`. In a deployment, start the missing SuperNodes, raise "
-            "federation.connect_timeout, or lower federation.min_available_hospitals."
+            f"{len(nodes)} hospital(s) connected after {cfg.federation.connect_timeout:.0f} s, {need} needed "
+            f"(federation.min_available_hospitals={cfg.federation.min_available_hospitals}). In a deployment, start "
+            "the missing SuperNodes, raise federation.connect_timeout, or lower federation.min_available_hospitals; "
+            "in the simulation, the number of SuperNodes is `flwr run . --federation-config 'num-supernodes=N'`."
         )
-    if have != want:
-        log.warning("%d hospitals connected, federation.num_hospitals=%d", have, want)
+    if want is not None and len(nodes) != want:
+        log.warning("%d of federation.num_hospitals=%d hospitals connected: going on with them", len(nodes), want)
+    say(f"{len(nodes)} hospital(s) connected")
+    return nodes
+
+
+def prepare_hospitals(grid: Grid, hospitals: list[int], cfg: RunConfig) -> None:
+    """Ask every hospital to get its firewall ready before round 1, and show what
+    each said (counts only). A hospital that fails or is not ready is reported
+    and sits rounds out until it is; the federation goes on."""
+    say(f"privacy firewall: de-identifying at {len(hospitals)} hospital(s) "
+        f"(at most {cfg.federation.prepare_timeout:.0f} s)...")
+    t0 = time.time()
+    messages = [Message(RecordDict({"config": ConfigRecord({"task": "prepare"})}), dst_node_id=node,
+                        message_type="query") for node in hospitals]
+    replies = list(grid.send_and_receive(messages, timeout=cfg.federation.prepare_timeout))
+    answered = {m.metadata.src_node_id: m for m in replies}
+    ready = 0
+    for node in hospitals:
+        reply = answered.get(node)
+        if reply is None:
+            say(f"  hospital {node}: no answer within federation.prepare_timeout")
+        elif reply.has_error():
+            say(f"  hospital {node}: failed ({reply.error.reason.splitlines()[0][:200]})")
+        else:
+            m = reply.content["metrics"]
+            ready += int(m["ready"])
+            state = "ready" if m["ready"] else "not ready"
+            say(f"  hospital {node}: {state}, {int(m['accepted'])} photos de-identified, {int(m['refused'])} refused")
+    say(f"privacy firewall: {ready} of {len(hospitals)} hospital(s) ready after {time.time() - t0:.0f} s")
 
 
 def round_line(record: dict, total: int) -> str:
@@ -98,10 +145,11 @@ def round_line(record: dict, total: int) -> str:
         v = record.get(key)
         return "-" if v is None else f"{v:.3f}"
 
+    epsilon = f" | epsilon {record['dp_epsilon']:.2f}" if record.get("dp_epsilon") is not None else ""
     return (f"round {record['round']}/{total}: global Dice {fmt('global_dice')} IoU {fmt('global_iou')} "
             f"(original identities) | client Dice {fmt('client_dice')} | train loss {fmt('train_loss')} | "
-            f"hospitals {record.get('clients_trained') or '-'} ok, {record.get('clients_failed') or 0} failed | "
-            f"{record['seconds']:.0f} s")
+            f"hospitals {record.get('clients_trained') or 0} ok, {record.get('clients_failed') or 0} failed"
+            f"{epsilon} | {record.get('seconds', 0):.0f} s")
 
 
 def say(text: str) -> None:

@@ -9,8 +9,12 @@ convergence plot, the final model and the resolved config (no Flower in here).
         checkpoint.pt        the global model after the last finished round (atomic; resume from it)
         model.safetensors    the final global model (+ model.json: how to rebuild it)
 
-Everything here is numbers and the global model: nothing from a hospital but its
-aggregated metrics.
+Each round records ``seconds`` (that round alone; round 0: set-up and the first
+scoring) and ``seconds_total`` (since the start), and which hospitals, by Flower
+node id, trained, failed, never replied (``hospitals_missed``) or were not ready.
+
+Everything here is numbers, node ids and the global model: nothing from a
+hospital but its aggregated metrics.
 """
 
 from __future__ import annotations
@@ -26,12 +30,24 @@ from pathlib import Path
 import torch
 
 from models.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text
-from privacy_firewall.config import Config
+from skinfed.config import RunConfig as Config
 
 COLUMNS = (
     "round", "global_dice", "global_iou", "global_loss", "train_loss", "client_dice", "client_iou",
     "clients_trained", "clients_failed", "train_examples", "firewall_accepted", "firewall_refused", "seconds",
+    "seconds_total", "clients_missed", "clients_not_ready", "hospitals_trained", "hospitals_failed",
+    "hospitals_missed", "hospitals_not_ready",
 )
+#: Per-round lists of hospital node ids (ids only): which trained, whose ClientApp
+#: failed, which never replied, and whose firewall was not ready (with its counts).
+HOSPITAL_LISTS = ("hospitals_trained", "hospitals_failed", "hospitals_missed", "hospitals_not_ready")
+
+
+def _csv_ids(value) -> str | None:
+    """A list of node ids (or not-ready records) as one CSV cell: ids separated by spaces."""
+    if value is None:
+        return None
+    return " ".join(str(v["id"]) if isinstance(v, dict) else str(v) for v in value)
 
 
 class ResumeError(ValueError):
@@ -44,6 +60,7 @@ class RunDirectory:
     rounds: list[dict] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     offset: int = 0  # rounds already done before this process (resume)
+    last_recorded: float = field(default_factory=time.time)  # when the previous round was recorded
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
@@ -76,8 +93,10 @@ class RunDirectory:
         metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
         checkpoint = torch.load(path / "checkpoint.pt", map_location="cpu", weights_only=True)
         run = cls(path, rounds=metrics.get("rounds", []), offset=int(checkpoint["round"]))
-        run.started -= float(metrics.get("seconds_before_resume", 0.0)) + (run.rounds[-1]["seconds"] if run.rounds else 0.0)
         run.rounds = [r for r in run.rounds if r["round"] <= run.offset]
+        if run.rounds:  # seconds_total goes on from the last recorded round (older runs: seconds was the total)
+            last = run.rounds[-1]
+            run.started -= float(last.get("seconds_total", last.get("seconds")) or 0.0)
         return run
 
     def checkpoint_state(self) -> dict[str, torch.Tensor] | None:
@@ -103,8 +122,14 @@ class RunDirectory:
             "train_examples": train.get("num-examples"),
             "firewall_accepted": train.get("firewall_accepted"),
             "firewall_refused": train.get("firewall_refused"),
-            "seconds": round(time.time() - self.started, 2),
+            "clients_missed": train.get("clients_missed"),
+            "clients_not_ready": train.get("clients_not_ready"),
+            **{key: train.get(key) for key in HOSPITAL_LISTS},
         }
+        now = time.time()
+        record["seconds"] = round(now - self.last_recorded, 2)  # this round (round 0: set-up and first scoring)
+        record["seconds_total"] = round(now - self.started, 2)
+        self.last_recorded = now
         record = {k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
         self.rounds = [r for r in self.rounds if r["round"] != server_round] + [record]
         atomic_torch_save(self.path / "checkpoint.pt", {"round": server_round, "state_dict": state_dict})
@@ -116,7 +141,7 @@ class RunDirectory:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(self.rounds)
+        writer.writerows([{**r, **{k: _csv_ids(r.get(k)) for k in HOSPITAL_LISTS}} for r in self.rounds])
         atomic_write_text(self.path / "metrics.csv", buf.getvalue())
         self.plot()
 

@@ -22,11 +22,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
-from models.io import write_png
+from privacy_firewall.images import read_mask_png as read_mask  # noqa: F401  (the clinic's readers)
+from privacy_firewall.images import read_rgb_png as read_rgb  # noqa: F401
+from privacy_firewall.images import write_png
 from synthetic_clinic.render import Subject, render, sample_subject
 
 FOLDERS = ("images", "masks", "healthy", "opposite", "opposite_masks")
@@ -143,16 +144,3 @@ def read_metadata(clinic: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Read an RGB uint8 image written by the clinic."""
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise OSError(f"cannot read image {path}")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def read_mask(path: str | Path) -> np.ndarray:
-    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if m is None:
-        raise OSError(f"cannot read mask {path}")
-    return m > 127

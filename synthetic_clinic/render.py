@@ -22,7 +22,7 @@ with the face when identity changes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -376,3 +376,59 @@ def render(s: Subject, size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarr
     # in 8 bits: the mask is where the erythema is actually visible.
     mask &= np.any(pathological != healthy, axis=-1)
     return pathological, healthy, mask
+
+
+# --------------------------------------------------------------------------------------
+# distractor masks: where each red-but-not-erythema feature (or lighting effect) shows
+# --------------------------------------------------------------------------------------
+
+#: Distractor name -> the attribute values that remove it from a subject.
+DISTRACTOR_REMOVALS: dict[str, dict[str, object]] = {
+    "lips": {"lip_redness": 0.0},
+    "red_earring": {"earring": "none"},
+    "gold_earring": {"earring": "none"},
+    "piercing": {"piercing": "none"},
+    "specular": {"specular": 0.0},
+    "flush": {"flush": 0.0},
+    "shadow": {"shadow": 0.0},
+}
+DISTRACTORS = tuple(DISTRACTOR_REMOVALS)
+
+
+def _has_distractor(s: Subject, name: str) -> bool:
+    if name == "red_earring":
+        return s.earring == "red"
+    if name == "gold_earring":
+        return s.earring == "gold"
+    if name == "piercing":
+        return s.piercing != "none"
+    if name == "specular":
+        return s.specular > 0.3  # render() draws highlights only above 0.3
+    if name == "lips":
+        return s.lip_redness > 0
+    return float(getattr(s, name)) > 0
+
+
+def render_distractor_masks(s: Subject, size: int = 64, min_change: int = 3) -> dict[str, np.ndarray]:
+    """Where each distractor is visible in ``render(s, size)``'s pathological photo.
+
+    A distractor's pixels are those whose colour changes by at least ``min_change``
+    levels (any channel, 8 bits) when only that distractor is removed from the
+    subject (red lips become skin-coloured lips, earrings, piercings, highlights,
+    flush and shadow are left out), minus the erythema ground truth: a pixel
+    that is erythema is never a false positive. Removing a feature is rendered
+    by :func:`render` itself, so the geometry is exactly the renderer's.
+
+    Returns one boolean (size, size) mask per name of :data:`DISTRACTORS`
+    (all False when the subject does not have that distractor)."""
+    photo, _, erythema = render(s, size)
+    signed = photo.astype(np.int16)
+    out: dict[str, np.ndarray] = {}
+    for name, removal in DISTRACTOR_REMOVALS.items():
+        if not _has_distractor(s, name):
+            out[name] = np.zeros((size, size), bool)
+            continue
+        without, _, _ = render(replace(s, **removal), size)
+        changed = np.abs(signed - without.astype(np.int16)).max(axis=-1) >= min_change
+        out[name] = changed & ~erythema
+    return out

@@ -28,7 +28,7 @@ def tiny_embedded_backend():
 @pytest.fixture(scope="session")
 def tiny_embedded_dir(tmp_path_factory, tiny_embedded_backend):
     """The tiny random-weight embedded model saved as a weights folder
-    (``backend.model_path``), with an untrained attribute classifier."""
+    (``firewall.backend.model_path``), with an untrained attribute classifier."""
     from models.attribute_classifier import AttributeClassifier, save_classifier
     from models.flow_unet import save_flow_unet
 
@@ -40,7 +40,9 @@ def tiny_embedded_dir(tmp_path_factory, tiny_embedded_backend):
 
 #: Overrides that make every stage tiny: 16-px faces, 4 FlowEdit steps, a small U-Net.
 TINY_OVERRIDES = [
-    "firewall.steps=4", "firewall.n_max=3", "data.image_size=32", "data.num_subjects=12",
+    "firewall.flowedit.steps=4", "firewall.flowedit.n_max=3", "firewall.gate.matcher=none",
+    "firewall.gate.require_matcher=false",
+    "data.image_size=32", "data.num_subjects=12",
     "data.holdout_subjects=4", "model.encoder=resnet18", "model.encoder_depth=3",
     "model.decoder_channels=[16,8,4]", "model.local_epochs=1", "model.batch_size=8",
 ]
@@ -48,9 +50,15 @@ TINY_OVERRIDES = [
 
 @pytest.fixture
 def tiny_config(tmp_path, tiny_embedded_dir, monkeypatch):
-    """A full configuration on the tiny model, writing under ``tmp_path``."""
-    from privacy_firewall.config import load_config
+    """A full run configuration on the tiny model, writing under ``tmp_path``."""
+    from skinfed.config import load_run_config
 
     monkeypatch.setenv("SKINFED_HOME", str(tmp_path / "home"))
-    overrides = [f"backend.model_path={tiny_embedded_dir}", *TINY_OVERRIDES]
-    return load_config(overrides), overrides
+    overrides = [f"firewall.backend.model_path={tiny_embedded_dir}", *TINY_OVERRIDES]
+    return load_run_config(overrides), overrides
+
+
+@pytest.fixture
+def tiny_firewall_settings(tiny_config):
+    """The tiny configuration's firewall settings."""
+    return tiny_config[0].firewall

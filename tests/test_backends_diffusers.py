@@ -8,7 +8,6 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import huggingface_hub.constants as hf_constants
@@ -196,18 +195,13 @@ def test_incomplete_or_wrong_folder_raises(tiny_dirs: dict[str, Path], tmp_path:
         _load("sd3", tiny_dirs["flux"])
 
 
-def test_loading_flags_and_from_config(tiny_dirs: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
-    cfg = SimpleNamespace(
-        model_path=str(tiny_dirs["sd3"]),
-        dtype="bf16",
-        device="cpu",
-        drop_t5=False,
-        vae_tiling=True,
-        vae_slicing=True,
-        cpu_offload=True,
-    )
+def test_loading_flags_and_from_settings(tiny_dirs: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    from privacy_firewall.settings import BackendSettings
+
+    cfg = BackendSettings(name="sd3", model_path=str(tiny_dirs["sd3"]), dtype="bf16", device="cpu", working_size=64,
+                          drop_t5=False, vae_tiling=True, vae_slicing=True, cpu_offload=True, max_sequence_length=32)
     with caplog.at_level(logging.WARNING, logger="privacy_firewall.backends.loading"):
-        backend = SD3Backend.from_config(cfg)
+        backend = SD3Backend.from_settings(cfg)
     assert torch.cuda.is_available() or "cpu_offload ignored" in caplog.text
     assert backend.pipe.vae.use_tiling and backend.pipe.vae.use_slicing
     assert backend.dtype == torch.bfloat16 and backend.device == torch.device("cpu")
@@ -215,16 +209,10 @@ def test_loading_flags_and_from_config(tiny_dirs: dict[str, Path], caplog: pytes
     v = backend.velocity(z, 0.7, backend.encode_prompts(["skin"]))
     assert v.dtype == torch.float32 and torch.isfinite(v).all()
 
-    flux_cfg = SimpleNamespace(
-        model_path=str(tiny_dirs["flux"]),
-        dtype="fp32",
-        device="cpu",
-        drop_t5=True,
-        vae_tiling=False,
-        vae_slicing=False,
-        cpu_offload=False,
-    )
-    flux = FluxBackend.from_config(flux_cfg)
+    flux_cfg = BackendSettings(name="flux", model_path=str(tiny_dirs["flux"]), dtype="fp32", device="cpu",
+                               working_size=64, drop_t5=False, vae_tiling=False, vae_slicing=False, cpu_offload=False,
+                               max_sequence_length=32)
+    flux = FluxBackend.from_settings(flux_cfg)
     assert flux.pipe.text_encoder_2 is not None  # FLUX cannot drop T5
     assert not flux.pipe.vae.use_tiling
 

@@ -13,7 +13,7 @@ from privacy_firewall.cli import main
 from privacy_firewall.masks import _plan, iou, iou_curves, threshold_grid
 
 # Small FlowEdit settings: the NFE relations do not depend on the schedule length.
-FAST = ["firewall.steps=6", "firewall.n_max=4"]
+FAST = ["firewall.flowedit.steps=6", "firewall.flowedit.n_max=4"]
 
 
 def run_benchmark(capsys, monkeypatch, tmp_path, *argv: str) -> tuple[int, dict | None, str]:
@@ -61,7 +61,7 @@ def check_relations(r: dict, k_configured: int, **settings) -> None:
     "extra, settings",
     [
         ([], {"n_max": 4}),  # cfg, n_min = 0: pair (2 + 2k) n_max = 6 n_max vs separate 4k n_max = 8 n_max
-        (["firewall.n_min=1", "firewall.n_avg=2", "firewall.guidance_mode=mixed"],
+        (["firewall.flowedit.n_min=1", "firewall.n_avg=2", "firewall.flowedit.guidance_mode=mixed"],
          {"n_max": 4, "n_min": 1, "n_avg": 2, "mode": "mixed"}),
     ],
     ids=["cfg", "mixed-nmin-navg"],
@@ -92,8 +92,8 @@ def test_tiny_flux_is_guidance_distilled(capsys, monkeypatch, tmp_path):
 
 
 def test_embedded_backend_from_a_model_folder(capsys, monkeypatch, tmp_path, tiny_embedded_dir):
-    rc, r, err = run_benchmark(capsys, monkeypatch, tmp_path, f"backend.model_path={tiny_embedded_dir}",
-                               "firewall.steps=4", "firewall.n_max=3")
+    rc, r, err = run_benchmark(capsys, monkeypatch, tmp_path, f"firewall.backend.model_path={tiny_embedded_dir}",
+                               "firewall.flowedit.steps=4", "firewall.flowedit.n_max=3")
     assert rc == 0, err
     assert (r["backend"], r["architecture"], r["weights"]) == ("embedded", "embedded", "pretrained")
     assert (r["height"], r["width"], r["images"]) == (16, 16, 2)  # the model's working size
@@ -107,7 +107,7 @@ def test_embedded_backend_with_the_shipped_weights(capsys, monkeypatch, tmp_path
         find_embedded_weights()
     except FileNotFoundError:
         pytest.skip("the embedded model's weights are not installed")
-    rc, r, err = run_benchmark(capsys, monkeypatch, tmp_path, "--images", "1", "firewall.steps=4", "firewall.n_max=2")
+    rc, r, err = run_benchmark(capsys, monkeypatch, tmp_path, "--images", "1", "firewall.flowedit.steps=4", "firewall.flowedit.n_max=2")
     assert rc == 0, err
     check_relations(r, 3, n_max=2)
 
@@ -118,7 +118,7 @@ def test_sd3_backend_from_a_diffusers_folder(capsys, monkeypatch, tmp_path):
     folder = tmp_path / "tiny-sd3"
     build_tiny_sd3_pipeline().save_pretrained(folder)
     rc, r, err = run_benchmark(capsys, monkeypatch, tmp_path, "--height", "32", "--width", "32", "--images", "1",
-                               "backend=sd3", f"backend.model_path={folder}", "backend.dtype=fp32",
+                               "backend=sd3", f"firewall.backend.model_path={folder}", "firewall.backend.dtype=fp32",
                                "backend.device=cpu", *FAST)
     assert rc == 0, err
     assert (r["backend"], r["weights"], r["dtype"]) == ("sd3", "pretrained", "float32")

@@ -26,10 +26,10 @@ from PIL import Image
 
 from privacy_firewall import firewall as firewall_module
 from privacy_firewall.cli import main
-from privacy_firewall.deidentify import MANIFEST
 from privacy_firewall.firewall import PrivacyFirewall
 from privacy_firewall.flowedit import flowedit as real_flowedit
 from privacy_firewall.images import MAX_PIXELS, ImageRejected, load_photo, prepare
+from privacy_firewall.outputs import MANIFEST
 
 WORKING_SIZE = 16  # the tiny model's image size
 PER_ID = ("surrogates", "healthy", "masks", "panels")
@@ -153,7 +153,9 @@ def one_thread():
 
 
 def overrides(model_dir: Path, home: Path, *extra: str) -> list[str]:
-    return [f"backend.model_path={model_dir}", "firewall.steps=4", "firewall.n_max=3", f"paths.home={home}", *extra]
+    return [f"firewall.backend.model_path={model_dir}", "firewall.flowedit.steps=4", "firewall.flowedit.n_max=3",
+            "firewall.gate.matcher=none", "firewall.gate.require_matcher=false",
+            f"paths.home={home}", *extra]
 
 
 def deidentify(model_dir: Path, inp: Path, out: Path, home: Path, *extra: str) -> int:
@@ -561,12 +563,12 @@ def test_folder_usage_errors_exit_2_and_write_nothing(tiny_model_dir, tmp_path, 
 @pytest.mark.parametrize(("extra", "message"), [
     ("firewall.no_such_key=1", "no_such_key"),
     ("+firewall.no_such_key=1", "no_such_key"),
-    ("firewall.steps=many", "firewall.steps"),
-    ("firewall.n_max=9", "firewall.n_max"),
+    ("firewall.flowedit.steps=many", "firewall.flowedit.steps"),
+    ("firewall.flowedit.n_max=9", "firewall.flowedit.n_max"),
     ("backend=no_such_backend", "no_such_backend"),
     ("firewall.mask.threshold=high", "firewall.mask.threshold"),
     ("oops", "key=value"),
-    ("backend.model_path=MISSING", "weights were not found"),
+    ("firewall.backend.model_path=MISSING", "weights were not found"),
 ], ids=["unknown_key", "appended_key", "bad_type", "n_max_over_steps", "unknown_backend", "bad_threshold",
         "not_key_value", "missing_weights"])
 def test_config_usage_errors_exit_2(tiny_model_dir, tmp_path, capsys, extra, message):
@@ -631,9 +633,9 @@ def test_a_failed_edit_gets_no_surrogate_and_never_reaches_training(tiny_model_d
     assert deidentify(tiny_model_dir, inp, out, home) == 0
     marked_id = manifest_by_name(out)["visit marked Ωmega.png"]["id"]
     assert all(p.is_file() for p in per_id_files(out, marked_id))
-    # ... then a run with another seed (so nothing comes from the cache) breaks the marked photo's edit.
+    # ... then a run with another key (so nothing comes from the cache) breaks the marked photo's edit.
     hits = break_one_image(monkeypatch, mode)
-    extra = ["seed=1"] + (["firewall.batch_size=1"] if mode == "exception" else [])
+    extra = [f"firewall.key_file={home / 'another.key'}"] + (["firewall.batch_size=1"] if mode == "exception" else [])
     assert deidentify(tiny_model_dir, inp, out, home, *extra) == 1
     assert sum(hits) == 1  # the marker picked exactly one photo
     rows = manifest_by_name(out)

@@ -1,13 +1,15 @@
-"""The hospital deployment (issue 8): Dockerfile, docker-compose.yml,
+"""The hospital deployment (issues 8 and 14): Dockerfile, docker-compose.yml,
 scripts/make_certificates.py and docs/deployment.md.
 
 No Docker engine is needed: docker-compose.yml is validated against the Compose
 Specification's JSON schema (tests/data/compose-spec.json) and checked for what
-the deployment promises (TLS, node authentication, each hospital sees only its
-own data, ...), and the end-to-end test starts the services of that very file as
-plain processes on 127.0.0.1: the commands, flags, node config and environment
-are taken from docker-compose.yml and the Dockerfile, with container paths
-mapped to folders under tmp_path and service addresses to free local ports.
+the deployment promises (TLS, node authentication, the photos seen only by each
+hospital's network-less firewall service, ...), and the end-to-end test starts
+the services of that very file as plain processes on 127.0.0.1: the commands,
+flags, node config and environment are taken from docker-compose.yml and the
+Dockerfile, with container paths mapped to folders under tmp_path and service
+addresses to free local ports. tests/test_docker_stack.py (slow) runs the same
+file under a real Docker engine.
 """
 
 from __future__ import annotations
@@ -138,15 +140,31 @@ def _flwr_parsers():
             "flower-superexec": superexec_parser}
 
 
+def _program_parsers():
+    """Every program the compose file runs: flwr's three and the firewall's CLI."""
+    from privacy_firewall.cli import build_parser as firewall_parser
+
+    return {**_flwr_parsers(), "privacy-firewall": firewall_parser}
+
+
+def _watch_args(service: dict):
+    """The parsed `privacy-firewall watch` command of a firewall service."""
+    from privacy_firewall.cli import build_parser
+
+    argv = _argv(service)
+    assert Path(argv[0]).name == "privacy-firewall" and argv[1] == "watch", argv
+    return build_parser().parse_args(argv[1:])
+
+
 def _flwr_version() -> str:
     from importlib.metadata import version
 
     return version("flwr")
 
 
-def _hospital_services() -> dict[str, tuple[str, str]]:
-    """hospital number -> (its SuperNode service, its ClientApp SuperExec service)."""
-    return {h: (f"supernode-{h}", f"clientapp-{h}") for h in HOSPITALS}
+def _hospital_services() -> dict[str, tuple[str, str, str]]:
+    """hospital number -> (its SuperNode, its ClientApp SuperExec, its firewall service)."""
+    return {h: (f"supernode-{h}", f"clientapp-{h}", f"firewall-{h}") for h in HOSPITALS}
 
 
 # ----------------------------------------------------------------------------- (a) the files
@@ -168,8 +186,11 @@ def test_compose_services_use_the_image_and_flags_of_this_flwr():
         "flower-superlink": ["superlink"],
         "flower-superexec": ["serverapp", "clientapp-1", "clientapp-2"],
         "flower-supernode": ["supernode-1", "supernode-2"],
+        "privacy-firewall": ["firewall-1", "firewall-2"],
     }
-    parsers = _flwr_parsers()
+    # Debian's docker-compose 1.29 rejects a top-level `name:`; `version:` is obsolete in both.
+    assert "name" not in compose and "version" not in compose
+    parsers = _program_parsers()
     for name, service in compose["services"].items():
         assert service["image"] == "skinfed:0.1.0", name
         assert (ROOT / service["build"]["context"] / service["build"]["dockerfile"]).resolve() == DOCKERFILE
@@ -197,6 +218,7 @@ def test_compose_services_use_the_image_and_flags_of_this_flwr():
         for source, _, _ in _mounts(service):
             assert _is_bind(source) or source in declared_volumes, f"{name}: volume {source} is not declared"
         assert set(service.get("networks", [])) <= declared_networks
+        assert service.get("networks") or service.get("network_mode") == "none", f"{name}: no network chosen"
 
 
 def test_compose_deployment_is_authenticated_encrypted_and_private():
@@ -222,11 +244,17 @@ def test_compose_deployment_is_authenticated_encrypted_and_private():
     assert _flag(server, "--superexec-auth-secret-file") == _flag(link, "--superexec-auth-secret-file")
     assert all(networks[n].get("internal") for n in services["serverapp"]["networks"])
 
+    # The SuperLink is published on loopback unless the coordinator says otherwise.
+    published = [_interpolate(str(p), {}) for p in services["superlink"]["ports"]]
+    assert published == [f"127.0.0.1:9093:{link_port}"]
+    assert _interpolate(str(services["superlink"]["ports"][0]), {"SUPERLINK_BIND_ADDRESS": "10.1.2.3"}).startswith(
+        "10.1.2.3:")
+
     from flwr.common.config import parse_config_args
 
     data_sources: dict[str, str] = {}
-    for h, (node_name, app_name) in _hospital_services().items():
-        node, app = services[node_name], services[app_name]
+    for h, (node_name, app_name, firewall_name) in _hospital_services().items():
+        node, app, firewall = services[node_name], services[app_name], services[firewall_name]
         node_argv, app_argv = _argv(node), _argv(app)
         # The SuperNode: TLS to the SuperLink, its own key, no patient data.
         assert _flag(node_argv, "--superlink") == f"superlink:{link_port}"
@@ -236,35 +264,48 @@ def test_compose_deployment_is_authenticated_encrypted_and_private():
         assert key_source.endswith(f"/supernode-{h}")
         assert _flag(node_argv, "--isolation") == "process"
         config = parse_config_args([_flag(node_argv, "--node-config")])
-        assert set(config) == {"data-path", "work-path", "partition-id"}
+        assert set(config) == {"deidentified-path", "partition-id"}
         assert config["partition-id"] == int(h) - 1
-        assert not any(t == config["data-path"] for _, t, _ in _mounts(node))
+        assert not any(t == config["deidentified-path"] for _, t, _ in _mounts(node))
         # Its ClientApp SuperExec: talks to this SuperNode only, over the hospital's internal network.
         assert _flag(app_argv, "--runtime-api-address") == f"{node_name}:{_flag(node_argv, '--port')}"
         assert _flag(app_argv, "--superexec-auth-secret-file") == _flag(node_argv, "--superexec-auth-secret-file")
         assert set(app["networks"]) == {f"hospital-{h}"} and networks[f"hospital-{h}"].get("internal") is True
         users = {n for n, s in services.items() if f"hospital-{h}" in s.get("networks", [])}
         assert users == {node_name, app_name}
-        # Only this hospital's data, read-only, at data-path; its work on its own named volume.
-        mounts = _mounts(app)
-        data = [(s, ro) for s, t, ro in mounts if t == config["data-path"]]
-        assert len(data) == 1 and data[0][1], f"{app_name}: data-path must be one read-only mount"
+        # The ClientApp mounts the firewall's published pairs, read-only, and nothing else of the hospital's.
+        app_mounts = _mounts(app)
+        published = [(s, ro) for s, t, ro in app_mounts if t == config["deidentified-path"]]
+        assert published == [(f"hospital-{h}-deidentified", True)], f"{app_name}: {app_mounts}"
+        assert {t for _, t, _ in app_mounts} == {config["deidentified-path"], _flag(app_argv, "--superexec-auth-secret-file")}
+        # The firewall service: the photos read-only, no network at all, publishing what the ClientApp reads.
+        watch = _watch_args(firewall)
+        fw_mounts = _mounts(firewall)
+        assert firewall.get("network_mode") == "none" and "networks" not in firewall and "ports" not in firewall
+        data = [(s, ro) for s, t, ro in fw_mounts if t == watch.photos_dir]
+        assert len(data) == 1 and data[0][1] and _is_bind(data[0][0]), f"{firewall_name}: photos must be one read-only mount"
         data_sources[h] = data[0][0]
-        work = [(s, ro) for s, t, ro in mounts if config["work-path"].startswith(t + "/")]
-        assert work and not work[0][1] and not _is_bind(work[0][0])
-        assert all(ro for s, t, ro in mounts if t == "/models"), "SD3/FLUX weights are mounted read-only"
-        # A GPU, which CPU-only hosts drop.
-        devices = app["deploy"]["resources"]["reservations"]["devices"]
-        assert devices and "gpu" in devices[0]["capabilities"]
-    # No service but a hospital's own ClientApp sees its data; no two hospitals share a folder or volume.
+        assert [(s, ro) for s, t, ro in fw_mounts if t == watch.publish] == [(f"hospital-{h}-deidentified", False)]
+        work = [(s, ro) for s, t, ro in fw_mounts if t == watch.work_dir]
+        assert work == [(f"hospital-{h}-firewall", False)]
+        assert all(ro for s, t, ro in fw_mounts if t == "/models"), "SD3/FLUX weights are mounted read-only"
+        assert _environment(firewall, {"HOSPITAL_1_OVERRIDES": "x", "HOSPITAL_2_OVERRIDES": "y"})["SKINFED_OVERRIDES"] \
+            == {"1": "x", "2": "y"}[h]
+        # A GPU for the firewall and the ClientApp, which CPU-only hosts drop.
+        for service in (app, firewall):
+            devices = service["deploy"]["resources"]["reservations"]["devices"]
+            assert devices and "gpu" in devices[0]["capabilities"]
+    # No service but a hospital's own firewall sees its photos; no two hospitals share a folder or volume.
     assert len(set(data_sources.values())) == len(HOSPITALS)
     for h, source in data_sources.items():
         seen_by = {n for n, s in services.items() for src, _, _ in _mounts(s) if src == source}
-        assert seen_by == {f"clientapp-{h}"}
+        assert seen_by == {f"firewall-{h}"}
     for name, service in services.items():
         for source, _, _ in _mounts(service):
             if source.startswith("hospital-"):
-                assert name == f"clientapp-{source.split('-')[1]}"
+                h = source.split("-")[1]
+                allowed = {f"firewall-{h}"} if source.endswith("-firewall") else {f"firewall-{h}", f"clientapp-{h}"}
+                assert name in allowed, (name, source)
     # A node's private key and secrets are mounted where they belong only.
     for name, service in services.items():
         for source, _, _ in _mounts(service):
@@ -276,6 +317,9 @@ def test_compose_deployment_is_authenticated_encrypted_and_private():
                     assert name.startswith("supernode-"), f"{name} must not hold a node's private key"
             if base in ("ca.key", "superlink.key"):
                 assert name == "superlink" and base == "superlink.key", (name, base)
+    # Secrets and keys never reach a firewall service.
+    for h in HOSPITALS:
+        assert not any("/certs" in t for _, t, _ in _mounts(services[f"firewall-{h}"]))
 
 
 def test_dockerfile_builds_a_non_root_offline_runtime():
@@ -296,7 +340,8 @@ def test_dockerfile_builds_a_non_root_offline_runtime():
     assert re.search(r"pip install [^&]*/tmp/skinfed-src", runs) and "-e " not in runs
     assert "find_embedded_weights" in runs, "the build checks that the embedded model shipped"
     assert args["FLWR_VERSION"] == _flwr_version(), "the image pins the flwr that the compose flags are tested with"
-    copies = [rest.split() for w, rest in instructions if w == "COPY"]
+    # From the build context (not from an earlier stage: COPY --from=...).
+    copies = [rest.split() for w, rest in instructions if w == "COPY" and "--from=" not in rest]
     for parts in copies:
         for source in [p for p in parts[:-1] if not p.startswith("--")]:
             assert (ROOT / source).exists(), source
@@ -304,8 +349,9 @@ def test_dockerfile_builds_a_non_root_offline_runtime():
     assert any("models/" in parts[:-1] for parts in copies), "the embedded model is copied and installed"
     entry = json.loads(next(rest for w, rest in instructions if w == "ENTRYPOINT"))
     assert entry == ["flower-superexec"]
+    assert not DOCKERFILE.read_text().startswith("# syntax="), "BuildKit would pull a frontend from a registry"
     ignored = (ROOT / ".dockerignore").read_text().split()
-    for must in (".venv", "deploy", "runs", "*.key"):
+    for must in (".venv", "deploy", "runs", "*.key", ".env"):
         assert must in ignored
     # The flower programs the compose file runs are console scripts of the installed flwr.
     for program in ("flower-superlink", "flower-supernode", "flower-superexec"):
@@ -316,7 +362,9 @@ def test_make_certificates_writes_what_flwr_loads(tmp_path):
     from flwr.cli.supernode.register import try_load_public_key
 
     out = tmp_path / "certs"
-    assert make_certificates.main([str(out), "--nodes", "2", "--san", "fl.example.org", "--san", "10.0.0.7"]) == 0
+    mine = f"{os.getuid()}:{os.getgid()}"
+    assert make_certificates.main([str(out), "--nodes", "2", "--san", "fl.example.org", "--san", "10.0.0.7",
+                                   "--owner", mine]) == 0
     names = {p.name for p in out.iterdir()}
     assert names == {"ca.crt", "ca.key", "superlink.crt", "superlink.key", "superlink.superexec-secret",
                      "supernode-1", "supernode-1.pub", "supernode-1.superexec-secret",
@@ -344,19 +392,43 @@ def test_make_certificates_writes_what_flwr_loads(tmp_path):
 
     # Nothing is overwritten by accident; a hospital can make its own key pair alone.
     before = (out / "supernode-1").read_bytes()
-    assert make_certificates.main([str(out)]) == 1
+    assert make_certificates.main([str(out), "--owner", mine]) == 1
     assert (out / "supernode-1").read_bytes() == before
-    assert make_certificates.main([str(tmp_path / "site"), "--node-key-only", "hospital-9"]) == 0
+    assert make_certificates.main([str(tmp_path / "site"), "--node-key-only", "hospital-9", "--owner", "keep"]) == 0
     assert {p.name for p in (tmp_path / "site").iterdir()} == {
         "hospital-9", "hospital-9.pub", "hospital-9.superexec-secret"}
 
 
+def test_make_certificates_gives_the_files_to_the_containers_user(tmp_path):
+    """The quick-start's keys must be readable by the containers' uid (1000 by default)."""
+    assert make_certificates.build_parser().parse_args([str(tmp_path)]).owner == "1000:1000"
+    if os.geteuid() == 0:
+        out = tmp_path / "as-root"
+        assert make_certificates.main([str(out), "--owner", "1234:4321"]) == 0
+        owners = {p.name: (p.stat().st_uid, p.stat().st_gid) for p in out.iterdir()}
+        assert owners.pop("ca.key") == (0, 0)  # mounted nowhere: stays with whoever made it
+        assert set(owners.values()) == {(1234, 4321)}
+    else:  # another user's files cannot be made: refuse before writing anything, and say what to do
+        other = os.geteuid() + 1
+        assert make_certificates.main([str(tmp_path / "refused"), "--owner", f"{other}:{other}"]) == 1
+        assert not (tmp_path / "refused").exists()
+
+
 def _client_metric_keys() -> set[str]:
-    """The keys of every MetricRecord the ClientApp sends back (read from client/app.py)."""
+    """The keys of every MetricRecord the ClientApp sends back (read from client/app.py):
+    a dict literal in the call, or the dict literals assigned to the name it is given."""
+    tree = ast.parse((ROOT / "client" / "app.py").read_text())
+    assigned: dict[str, set[str]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    assigned.setdefault(target.id, set()).update(k.value for k in node.value.keys)
     keys: set[str] = set()
-    for node in ast.walk(ast.parse((ROOT / "client" / "app.py").read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "MetricRecord":
-            keys |= {k.value for k in node.args[0].keys}
+            arg = node.args[0]
+            keys |= {k.value for k in arg.keys} if isinstance(arg, ast.Dict) else assigned[arg.id]
     return keys
 
 
@@ -374,15 +446,23 @@ def test_deployment_docs_match_the_files():
     section = text.split("## What leaves a hospital", 1)[1].split("\n## ", 1)[0]
     listed = set(re.findall(r"`([\w-]+)`", section.split("\n\n", 2)[1]))
     assert listed == _client_metric_keys() == {"train_loss", "num-examples", "firewall_accepted",
-                                               "firewall_refused", "dice", "iou", "loss"}
+                                               "firewall_refused", "dice", "iou", "loss",
+                                               "ready", "accepted", "refused"}
     # Every flag the docs show exists: in this flwr's programs, in make_certificates, or
     # these few of the flwr CLI (`flwr run`, `flwr supernode`) and `docker compose up`.
     parsers = [*(build() for build in _flwr_parsers().values()), make_certificates.build_parser()]
-    known = {o for parser in parsers for a in parser._actions for o in a.option_strings}
-    known |= {"--stream", "--run-config", "--format", "--no-deps"}
+    from privacy_firewall.cli import build_parser as firewall_parser
+
+    watch = firewall_parser()._subparsers._group_actions[0].choices["watch"]
+    known = {o for parser in [*parsers, watch] for a in parser._actions for o in a.option_strings}
+    known |= {"--stream", "--run-config", "--format", "--no-deps", "--build-arg", "--project-name", "--rm",
+              "--network", "--volume", "--entrypoint"}
     unknown = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", text)) - known
     assert not unknown, f"docs/deployment.md shows flags that do not exist: {unknown}"
     assert f":{_flag(_argv(compose['services']['superlink']), '--port')}" in text
+    # Commands for Debian's docker-compose 1.29 and Compose v2 alike: no v2-only subcommands.
+    assert "compose cp" not in text and "docker-compose cp" not in text
+    assert "docker-compose config" in text and "DOCKER-USER" in text
 
 
 # ----------------------------------------------------------------------------- (b) end to end on 127.0.0.1
@@ -566,11 +646,26 @@ def _aggregated(stream: str, phase: str) -> set[str]:
     raise AssertionError(f"no aggregate_{phase} summary in the run's log")
 
 
+def _wait_for_firewall(published: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    from privacy_firewall.watch import read_status
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if read_status(published).ready:
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"the firewall service exited with code {proc.returncode}")
+        time.sleep(0.5)
+    raise TimeoutError(f"the firewall service is not ready after {timeout:.0f} s: {read_status(published)}")
+
+
 def test_compose_deployment_runs_one_round_on_loopback(tmp_path, tiny_embedded_dir):
-    """SuperLink (TLS, node authentication, process isolation) + its ServerApp
-    SuperExec, two enrolled hospitals (SuperNode + ClientApp SuperExec, each with
-    only its own data), one round through `flwr run --stream`, and a third
-    SuperNode whose key was never registered, which is refused."""
+    """Each hospital's firewall service de-identifies its photos first; then the
+    SuperLink (TLS, node authentication, process isolation) + its ServerApp
+    SuperExec, two enrolled hospitals (SuperNode + ClientApp SuperExec, each
+    reading only its own firewall's published pairs), one round through
+    `flwr run --stream`, and a third SuperNode whose key was never registered,
+    which is refused."""
     started = time.time()
     pyproject = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     certs = tmp_path / "certs"
@@ -582,8 +677,11 @@ def test_compose_deployment_runs_one_round_on_loopback(tmp_path, tiny_embedded_d
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("SKINFED_", "FLWR_"))}
     base_env.update({"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
                      "SKINFED_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    # The hospitals' own settings: the firewall services run on the tiny model.
+    hospital_overrides = " ".join([f"firewall.backend.model_path={tiny_embedded_dir}", *TINY_OVERRIDES])
     host_env = {"SKINFED_CERTS": str(certs), "HOSPITAL_1_DATA": str(hospitals[0]),
-                "HOSPITAL_2_DATA": str(hospitals[1]), "SKINFED_MODELS": str(tmp_path / "models")}
+                "HOSPITAL_2_DATA": str(hospitals[1]), "SKINFED_MODELS": str(tmp_path / "models"),
+                "HOSPITAL_1_OVERRIDES": hospital_overrides, "HOSPITAL_2_OVERRIDES": hospital_overrides}
     deployment = LocalDeployment(tmp_path / "deployment", host_env, base_env)
     # A third SuperNode exactly like the first, with its own, unregistered key.
     rogue = copy.deepcopy(deployment.compose["services"]["supernode-1"])
@@ -597,9 +695,13 @@ def test_compose_deployment_runs_one_round_on_loopback(tmp_path, tiny_embedded_d
         '[superlink]\ndefault = "skinfed"\n\n[superlink.skinfed]\n'
         f'address = "127.0.0.1:{deployment.port("superlink")}"\nroot-certificates = "{certs / "ca.crt"}"\n')
     cli_env = {**base_env, "FLWR_HOME": str(cli_home), "FLWR_TELEMETRY_ENABLED": "0"}
-    overrides = [f"backend.model_path={tiny_embedded_dir}", *TINY_OVERRIDES, "federation.num_hospitals=2",
+    overrides = [f"firewall.backend.model_path={tiny_embedded_dir}", *TINY_OVERRIDES, "federation.num_hospitals=2",
                  "federation.num_rounds=1", "federation.connect_timeout=240"]
+    volumes = tmp_path / "deployment" / "volumes"
     try:
+        for h in HOSPITALS:  # the firewalls first: de-identification is done before and outside Flower
+            firewall = deployment.start(f"firewall-{h}")
+            _wait_for_firewall(volumes / f"hospital-{h}-deidentified", firewall)
         link = deployment.start("superlink")
         _wait_for_port(deployment.port("superlink"), link)
         for h in HOSPITALS:  # enrol the two hospitals
@@ -620,12 +722,17 @@ def test_compose_deployment_runs_one_round_on_loopback(tmp_path, tiny_embedded_d
         rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
         assert [r["round"] for r in rounds] == [0, 1]
         assert rounds[1]["clients_trained"] == 2 and rounds[1]["clients_failed"] == 0
+        assert len(rounds[1]["hospitals_trained"]) == 2 and rounds[1]["hospitals_missed"] == []
         assert rounds[1]["firewall_accepted"] == 8 and rounds[1]["firewall_refused"] == 0
         assert rounds[1]["global_dice"] is not None and rounds[1]["client_dice"] is not None
-        # Each hospital's firewall output stayed on its own work volume.
+        # Each hospital's firewall published its pairs; the full output (manifest) stayed in its own volume.
+        from privacy_firewall.watch import read_status
+
         for h in HOSPITALS:
-            prepared = tmp_path / "deployment" / "volumes" / f"hospital-{h}-work" / "node" / "prepared.json"
-            assert json.loads(prepared.read_text())["accepted"] == 4
+            status = read_status(volumes / f"hospital-{h}-deidentified")
+            assert status.ready and status.ok == 4
+            assert not list((volumes / f"hospital-{h}-deidentified").rglob("manifest.local.csv"))
+            assert (volumes / f"hospital-{h}-firewall" / "output" / "manifest.local.csv").is_file()
         # Only the documented metrics came back, and nothing local reached the researcher's screen.
         assert _aggregated(stream, "train") == {"train_loss", "firewall_accepted", "firewall_refused"}
         assert _aggregated(stream, "evaluate") == {"dice", "iou", "loss"}

@@ -11,9 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from client.hospital import deidentify_hospital, holdout_set, synthetic_hospitals
+from client.hospital import FirewallNotReady, load_hospital, prepare_hospital
 from models import segmentation
 from privacy_firewall.training_data import DeidentifiedPair, NotDeidentifiedError, load_deidentified
+from skinfed.data import holdout_set, synthetic_hospitals
+
+TESTS = Path(__file__).resolve().parent
+
+
+def deidentify_hospital(cfg, folder):
+    """The simulation's two steps: the firewall before round 1, then the pairs."""
+    prepare_hospital(cfg, folder)
+    return load_hospital(cfg, folder)
 
 
 # ----------------------------------------------------------------------------- firewall-only training
@@ -35,8 +44,8 @@ def test_trainer_refuses_anything_but_firewall_output(tiny_config, tmp_path):
 
 def test_hospital_trains_on_surrogates_only(tiny_config):
     cfg, _ = tiny_config
-    folders = synthetic_hospitals(cfg)
-    assert len(folders) == cfg.federation.num_hospitals
+    folders = synthetic_hospitals(cfg, 2)
+    assert len(folders) == 2
     # Disjoint hospitals that together hold the clinic; no ground-truth masks at a hospital.
     stems = [sorted(p.name for p in (f / "images").iterdir()) for f in folders]
     assert sum(map(len, stems)) == cfg.data.num_subjects
@@ -58,7 +67,9 @@ def test_hospital_trains_on_surrogates_only(tiny_config):
 
 def test_failed_edits_never_reach_the_trainer(tiny_config):
     cfg, _ = tiny_config
-    folder = synthetic_hospitals(cfg)[0]
+    folder = synthetic_hospitals(cfg, 2)[0]
+    with pytest.raises(FirewallNotReady):  # nothing before the firewall ran
+        load_hospital(cfg, folder)
     data = deidentify_hospital(cfg, folder)
     out = next((folder.parents[3] / "nodes").iterdir()) / "firewall"
     report = json.loads((out / "report.json").read_text())
@@ -71,7 +82,7 @@ def test_failed_edits_never_reach_the_trainer(tiny_config):
 def _firewall_output_like(folder, n: int = 8, size: int = 32):
     """A firewall output folder holding clinic faces and their true masks: a
     clean task to check that the trainer learns."""
-    from models.io import write_png
+    from privacy_firewall.images import write_png
     from synthetic_clinic import render_subject
 
     images = {}
@@ -137,7 +148,7 @@ def test_strategy_drops_failed_hospitals(tiny_config, monkeypatch):
     for attr in ("_run_id", "_task_id", "_node_id"):  # messages are made inside a task in real runs
         monkeypatch.setattr(TaskIdentity, attr, 1)
     cfg, _ = tiny_config
-    strategy = make_strategy(cfg)
+    strategy = make_strategy(cfg, required_hospitals=1)
 
     def reply(value: float, n: int) -> Message:
         content = RecordDict({"arrays": ArrayRecord({"w": torch.full((2,), value)}),
@@ -161,14 +172,20 @@ def test_strategy_drops_failed_hospitals(tiny_config, monkeypatch):
 def test_simulation_two_hospitals_one_failing(tiny_config, monkeypatch, capsys):
     """flwr's simulation runtime, in process: hospital 1 raises every round, the
     run goes on with hospital 0, and the run directory has every round."""
+    import sys
+
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
     from server.app import app as server_app
 
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setenv("PYTHONPATH", f"{TESTS}:{Path(__file__).resolve().parents[1]}")
+    from failing_client import app as client_app
+
+    assert "failing_client" in sys.modules
     cfg, overrides = tiny_config
-    monkeypatch.setenv("SKINFED_OVERRIDES", " ".join([*overrides, "federation.num_hospitals=2", "federation.num_rounds=2"]))
-    monkeypatch.setenv("SKINFED_FAIL_HOSPITAL", "1")
+    monkeypatch.setenv("SKINFED_OVERRIDES", " ".join([*overrides, "federation.num_rounds=2"]))
+    monkeypatch.setenv("SKINFED_TEST_FAIL_PARTITION", "1")
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=2,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
     runs = list(Path(cfg.paths.runs).glob("*/metrics.json"))
@@ -205,7 +222,7 @@ def test_killed_server_resumes_from_its_checkpoint(tiny_config, monkeypatch):
     from server.app import app as server_app
 
     cfg, overrides = tiny_config
-    base = [*overrides, "federation.num_hospitals=2"]
+    base = list(overrides)
     monkeypatch.setenv("SKINFED_OVERRIDES", " ".join([*base, "federation.num_rounds=1"]))
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=2)
     (run_dir,) = [p.parent for p in Path(cfg.paths.runs).glob("*/metrics.json")]

@@ -12,7 +12,8 @@ from privacy_firewall.flowedit import FlowEditSettings, flowedit
 SRC = "photo of a woman with facial erythema"
 TGT = "photo of a man with facial erythema"
 HEALTHY = "photo of a man with clear, healthy skin"
-SETTINGS = FlowEditSettings(steps=10, n_max=7, n_min=0, source_guidance=2.0, target_guidance=5.0)
+SETTINGS = FlowEditSettings(steps=10, n_max=7, n_min=0, n_avg=1, source_guidance=2.0, target_guidance=5.0,
+                            guidance_mode="cfg", mixed_source_guidance=1.5)
 
 
 @pytest.fixture()

@@ -29,7 +29,44 @@ def _superlinks(flwr_home: Path) -> list[str]:
     return [line for line in out.splitlines() if "flower-superlink" in line and str(flwr_home) in line]
 
 
-def test_flwr_run_two_hospitals_one_round(tmp_path, tiny_embedded_dir):
+def _stop_superlinks(flwr_home: Path) -> None:
+    for line in _superlinks(flwr_home):
+        try:
+            os.kill(int(line.split()[0]), 15)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def test_plain_flwr_run_follows_the_supernodes(tmp_path, tiny_embedded_dir):
+    """A Flower user's habit: `flwr run . --stream`, nothing else (no environment
+    variable, no federation config): Flower's default 2 SuperNodes are 2 hospitals."""
+    flwr_home = tmp_path / "flwr-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "SKINFED_"))}
+    env.update({
+        "FLWR_HOME": str(flwr_home),  # never touch the user's ~/.flwr
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+        "SKINFED_HOME": str(tmp_path / "home"),
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    })
+    overrides = " ".join([f"firewall.backend.model_path={tiny_embedded_dir}", *TINY_OVERRIDES, "federation.num_rounds=1"])
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    try:
+        proc = subprocess.run([flwr, "run", ".", "--stream", "--run-config", f"overrides={json.dumps(overrides)}"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        log = proc.stdout + proc.stderr
+        assert "done: 1 rounds; results in" in log, log[-4000:]
+        assert "2 hospital(s) connected" in log
+        assert "uv sync" not in log  # the venv's own packages, no per-run install
+        run_dir = Path(log.split("results in ", 1)[1].split()[0])
+        rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+        assert rounds[1]["clients_trained"] == 2 and rounds[1]["firewall_accepted"] == 12
+    finally:
+        _stop_superlinks(flwr_home)
+
+
+def test_skinfed_run_sizes_the_federation(tmp_path, tiny_embedded_dir):
     flwr_home = tmp_path / "flwr-home"
     env = dict(os.environ)
     env.update({
@@ -41,9 +78,9 @@ def test_flwr_run_two_hospitals_one_round(tmp_path, tiny_embedded_dir):
         "OMP_NUM_THREADS": "1",
     })
     env.pop("SKINFED_OVERRIDES", None)
-    overrides = [f"backend.model_path={tiny_embedded_dir}", *TINY_OVERRIDES,
-                 "federation.num_hospitals=2", "federation.num_rounds=1"]
-    proc = subprocess.run([sys.executable, "-m", "scripts.run_federated", *overrides], cwd=ROOT, env=env,
+    overrides = [f"firewall.backend.model_path={tiny_embedded_dir}", *TINY_OVERRIDES,
+                 "federation.num_hospitals=3", "federation.num_rounds=1"]
+    proc = subprocess.run([sys.executable, "-m", "skinfed.launch", *overrides], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     try:
@@ -51,7 +88,7 @@ def test_flwr_run_two_hospitals_one_round(tmp_path, tiny_embedded_dir):
         run_dir = Path(log.strip().splitlines()[-1].split("results in ", 1)[1])
         rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
         assert [r["round"] for r in rounds] == [0, 1]
-        assert rounds[1]["clients_trained"] == 2 and rounds[1]["firewall_accepted"] == 12
+        assert rounds[1]["clients_trained"] == 3 and rounds[1]["firewall_accepted"] == 12
         assert (run_dir / "convergence.png").is_file() and (run_dir / "model.safetensors").is_file()
         # The app ran from the bundle Flower unpacked, not from this checkout.
         assert any((flwr_home / "apps").iterdir())
@@ -74,7 +111,7 @@ def test_flwr_run_finds_the_shipped_weights_from_the_bundle(tmp_path):
         env.pop(key, None)
     overrides = ["federation.num_hospitals=2", "federation.num_rounds=1", "data.num_subjects=8",
                  "data.holdout_subjects=4", "model.local_epochs=1"]
-    proc = subprocess.run([sys.executable, "-m", "scripts.run_federated", *overrides], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, "-m", "skinfed.launch", *overrides], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert not _superlinks(tmp_path / "flwr-home")

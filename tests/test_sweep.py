@@ -8,7 +8,8 @@ import shlex
 
 import pytest
 
-from scripts import run_federated, sweep, sweep_summary
+from skinfed import launch as run_federated
+from skinfed import sweep, sweep_summary
 
 
 def test_overrides_map_to_flwr_run(tmp_path):
@@ -28,12 +29,13 @@ def test_overrides_map_to_flwr_run(tmp_path):
 
 
 def test_flower_run_config_composes_like_the_cli(monkeypatch):
-    from privacy_firewall.config import load_config, load_run_config
+    from skinfed.config import load_flower_run_config as load_run_config
+    from skinfed.config import load_run_config as load_config
 
     monkeypatch.setenv("SKINFED_OVERRIDES", "federation.num_rounds=7")
-    cfg = load_run_config({"overrides": shlex.join(["firewall.target_guidance=3", "federation.num_hospitals=2"])})
-    assert cfg == load_config(["federation.num_rounds=7", "firewall.target_guidance=3", "federation.num_hospitals=2"])
-    assert (cfg.firewall.target_guidance, cfg.federation.num_rounds, cfg.federation.num_hospitals) == (3.0, 7, 2)
+    cfg = load_run_config({"overrides": shlex.join(["firewall.flowedit.target_guidance=3", "federation.num_hospitals=2"])})
+    assert cfg == load_config(["federation.num_rounds=7", "firewall.flowedit.target_guidance=3", "federation.num_hospitals=2"])
+    assert (cfg.firewall.flowedit.target_guidance, cfg.federation.num_rounds, cfg.federation.num_hospitals) == (3.0, 7, 2)
 
 
 def test_double_quotes_are_refused_before_flwr_starts(capsys):
@@ -83,16 +85,16 @@ def _job(folder, overrides: dict, status: str = "ok", dice: float | None = None,
 
 def test_summary_collects_every_job(tmp_path):
     for i, (g, n) in enumerate([(3, 2), (3, 4), (5, 2), (5, 4)]):
-        _job(tmp_path / str(i), {"firewall.target_guidance": str(g), "federation.num_hospitals": str(n),
+        _job(tmp_path / str(i), {"firewall.flowedit.target_guidance": str(g), "federation.num_hospitals": str(n),
                                  "federation.num_rounds": "3"}, dice=0.5 + 0.01 * i)
-    _job(tmp_path / "4", {"firewall.target_guidance": "8", "federation.num_hospitals": "2", "federation.num_rounds": "3"},
+    _job(tmp_path / "4", {"firewall.flowedit.target_guidance": "8", "federation.num_hospitals": "2", "federation.num_rounds": "3"},
          status="failed", error="RuntimeError: boom")
     summary = sweep_summary.summarise(tmp_path)
     assert summary["jobs"] == 5 and summary["failed"] == 1
-    assert summary["swept"] == ["federation.num_hospitals", "firewall.target_guidance"]  # num_rounds is constant
+    assert summary["swept"] == ["federation.num_hospitals", "firewall.flowedit.target_guidance"]  # num_rounds is constant
     rows = list(csv.DictReader(open(tmp_path / "sweep_summary.csv")))
     assert [r["job"] for r in rows] == ["0", "1", "2", "3", "4"]
-    assert rows[3]["firewall.target_guidance"] == "5" and float(rows[3]["global_dice"]) == pytest.approx(0.53)
+    assert rows[3]["firewall.flowedit.target_guidance"] == "5" and float(rows[3]["global_dice"]) == pytest.approx(0.53)
     table = (tmp_path / "sweep_summary.md").read_text()
     assert "job 4 failed: RuntimeError: boom" in table
     assert (tmp_path / "sweep_summary.png").read_bytes()[:4] == b"\x89PNG"

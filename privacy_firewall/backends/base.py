@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -50,6 +53,49 @@ class FlowBackend(ABC):
     #: of the transformer, so one evaluation per branch suffices.
     has_true_cfg: bool = True
 
+    # -- facts the firewall asks instead of branching on the backend's name ------------
+    #: "square": photos are letterboxed to a square of the working size (the
+    #: embedded model); "keep_aspect": the longer side becomes the working size.
+    input_geometry: str = "keep_aspect"
+    #: Working size (longer side, pixels) when the settings give none.
+    native_size: int = 1024
+    #: The model takes an erythema map (``velocity(..., spatial=...)``), so a new
+    #: identity can be drawn from noise with the patient's erythema.
+    supports_erythema_map: bool = False
+    #: Identifies the weights: part of the cache key (which model made an image).
+    fingerprint: str = ""
+    #: The folder of the weights, when they are a project folder (the embedded
+    #: model: its classifier, judge and matcher live there too).
+    folder: Path | None = None
+
+    def identity_attributes(self) -> dict[str, tuple[str, ...]]:
+        """The identity attributes this model can be asked for, as prompt phrases
+        per attribute ("blond hair", "wide face", ...). A new identity draws one
+        phrase per attribute. Sex is drawn separately."""
+        from privacy_firewall.identity import PHOTO_IDENTITY_ATTRIBUTES
+
+        return PHOTO_IDENTITY_ATTRIBUTES
+
+    def kept_attributes(self, images: list[np.ndarray]) -> list[tuple[str, ...]]:
+        """Phrases of the source a new identity keeps by design, per prepared photo
+        (the embedded model keeps the view: the erythema map is drawn in it)."""
+        return [() for _ in images]
+
+    def attribute_classifier(self) -> Any | None:
+        """A classifier of the source's sex (``predict(batch) -> {"sex": [...]}``), if
+        the model ships one; None otherwise."""
+        return None
+
+    def identity_matcher(self) -> Any | None:
+        """The gate's identity matcher made for this model's images (``distance(a, b)``
+        and ``threshold``), if it ships one; None lets the gate use its default."""
+        return None
+
+    def out_of_distribution(self, images: list[np.ndarray]) -> list[str | None]:
+        """For each prepared photo, a reason to refuse it as something this model was
+        not made for, or None. Models trained on everything accept all."""
+        return [None] * len(images)
+
     def __init__(self) -> None:
         self.nfe = 0
         self._prompt_cache: dict[str, Conditioning] = {}
@@ -79,15 +125,22 @@ class FlowBackend(ABC):
         t: float,
         cond: Conditioning,
         guidance: torch.Tensor | None = None,
+        spatial: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity for a batch of latents at time ``t`` in [0, 1].
 
         ``cond`` has one row per latent. ``guidance`` (one scale per latent) is
         only used by guidance-distilled models (``has_true_cfg = False``).
+        ``spatial`` (B, 2, H, W): an erythema map and a flag saying it is known,
+        for models with ``supports_erythema_map``.
         """
         if len(cond) != latents.shape[0]:
             raise ValueError(f"{len(cond)} conditions for {latents.shape[0]} latents")
+        if spatial is not None and not self.supports_erythema_map:
+            raise ValueError(f"the {self.name} backend takes no erythema map")
         self.nfe += int(latents.shape[0])
+        if spatial is not None:
+            return self._velocity(latents, t, cond, guidance, spatial)
         return self._velocity(latents, t, cond, guidance)
 
     @abstractmethod

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from privacy_firewall.settings import BackendSettings
+
 from .base import Conditioning, FlowBackend
 from .loading import decode_with_vae, encode_with_vae, load_pipeline
 
@@ -87,30 +89,25 @@ class FluxBackend(FlowBackend):
         self.has_true_cfg = not self.guidance_embeds
 
     @classmethod
-    def from_config(cls, backend_cfg: Any) -> FluxBackend:
-        """Load from a config object with ``model_path``, ``dtype``, ``device``,
-        ``drop_t5`` (ignored: FLUX needs T5), ``vae_tiling``, ``vae_slicing``,
-        ``cpu_offload`` (optionally ``max_sequence_length``, ``default_guidance``)."""
+    def from_settings(cls, settings: BackendSettings) -> FluxBackend:
+        """Load the pipeline named by ``settings`` (a local folder or an offline
+        Hugging Face cache entry); nothing is downloaded. FLUX needs its T5."""
         pipe = load_pipeline(
             "flux",
-            getattr(backend_cfg, "model_path", None),
-            dtype=getattr(backend_cfg, "dtype", "bf16"),
-            device=getattr(backend_cfg, "device", "auto"),
+            settings.model_path,
+            dtype=settings.dtype,
+            device=settings.device,
             drop_t5=False,
-            vae_tiling=bool(getattr(backend_cfg, "vae_tiling", False)),
-            vae_slicing=bool(getattr(backend_cfg, "vae_slicing", False)),
-            cpu_offload=bool(getattr(backend_cfg, "cpu_offload", False)),
+            vae_tiling=settings.vae_tiling,
+            vae_slicing=settings.vae_slicing,
+            cpu_offload=settings.cpu_offload,
         )
-        return cls(
-            pipe,
-            max_sequence_length=int(getattr(backend_cfg, "max_sequence_length", 512) or 512),
-            default_guidance=float(getattr(backend_cfg, "default_guidance", None) or 1.0),
-        )
+        return cls(pipe, max_sequence_length=settings.max_sequence_length)
 
     # -- properties ------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        if getattr(self.transformer, "_hf_hook", None) is not None:  # model CPU offload
+        if getattr(self.transformer, "_hf_hook", None) is not None:  # model CPU offload (accelerate)
             return torch.device(self.pipe._execution_device)
         return self.transformer.device
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from privacy_firewall.config import ConfigError
+from privacy_firewall.settings import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +93,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"backend.device={device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"firewall.backend.device={device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"backend.device={device} but this machine has no CUDA GPU: use backend.device=cpu or auto")
+        raise ConfigError(f"firewall.backend.device={device} but this machine has no CUDA GPU: use firewall.backend.device=cpu or auto")
     return resolved
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from privacy_firewall.settings import BackendSettings
+
 from .base import Conditioning, FlowBackend
 from .loading import decode_with_vae, encode_with_vae, load_pipeline
 
@@ -41,30 +43,25 @@ class SD3Backend(FlowBackend):
         self.size_multiple = self.vae_scale_factor * self.patch_size
 
     @classmethod
-    def from_config(cls, backend_cfg: Any) -> SD3Backend:
-        """Load from a config object with ``model_path``, ``dtype``, ``device``,
-        ``drop_t5``, ``vae_tiling``, ``vae_slicing``, ``cpu_offload`` (and
-        optionally ``name``/``kind`` such as ``"sd3.5"`` and ``max_sequence_length``),
-        offline."""
-        kind = str(getattr(backend_cfg, "kind", None) or getattr(backend_cfg, "name", None) or "sd3")
-        if not kind.lower().startswith("sd3"):
-            kind = "sd3"
+    def from_settings(cls, settings: BackendSettings) -> SD3Backend:
+        """Load the pipeline named by ``settings`` (a local folder or an offline
+        Hugging Face cache entry); nothing is downloaded."""
         pipe = load_pipeline(
-            kind,
-            getattr(backend_cfg, "model_path", None),
-            dtype=getattr(backend_cfg, "dtype", "bf16"),
-            device=getattr(backend_cfg, "device", "auto"),
-            drop_t5=bool(getattr(backend_cfg, "drop_t5", False)),
-            vae_tiling=bool(getattr(backend_cfg, "vae_tiling", False)),
-            vae_slicing=bool(getattr(backend_cfg, "vae_slicing", False)),
-            cpu_offload=bool(getattr(backend_cfg, "cpu_offload", False)),
+            "sd3",
+            settings.model_path,
+            dtype=settings.dtype,
+            device=settings.device,
+            drop_t5=settings.drop_t5,
+            vae_tiling=settings.vae_tiling,
+            vae_slicing=settings.vae_slicing,
+            cpu_offload=settings.cpu_offload,
         )
-        return cls(pipe, max_sequence_length=int(getattr(backend_cfg, "max_sequence_length", 256) or 256))
+        return cls(pipe, max_sequence_length=settings.max_sequence_length)
 
     # -- properties ------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        if getattr(self.transformer, "_hf_hook", None) is not None:  # model CPU offload
+        if getattr(self.transformer, "_hf_hook", None) is not None:  # model CPU offload (accelerate)
             return torch.device(self.pipe._execution_device)
         return self.transformer.device
 

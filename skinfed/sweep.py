@@ -1,16 +1,16 @@
 """Hydra multirun sweeps over federated runs.
 
-    python -m scripts.sweep -m firewall.target_guidance=3,5,8 federation.num_hospitals=2,4
-    python -m scripts.sweep -m federation.dirichlet_alpha=0.1,1,100 hydra.sweep.dir=multirun/skew
+    python -m skinfed.sweep -m firewall.flowedit.target_guidance=3,5,8 federation.num_hospitals=2,4
+    python -m skinfed.sweep -m federation.dirichlet_alpha=0.1,1,100 hydra.sweep.dir=multirun/skew
 
 Every job composes the same ``conf/`` as `flwr run`, launches one federated
-simulation through `flwr run` (scripts/run_federated.py, so the SuperNodes match
+simulation through `flwr run` (skinfed-run, skinfed/launch.py, so the SuperNodes match
 the job's hospitals) with its run directory inside the job's Hydra output folder,
 and scores the firewall settings on ``sweep.eval_subjects`` held-out synthetic
 subjects (mask IoU, identity flip rate). Jobs share the firewall cache, so jobs
 that differ only in federation settings edit each image once, and equal firewall
 settings are scored once. A failed job writes its error to ``result.json`` and
-the sweep goes on. At the end the summary (scripts/sweep_summary.py) is written
+the sweep goes on. At the end the summary (skinfed/sweep_summary.py) is written
 into the sweep folder.
 
 Per job: ``<sweep dir>/<job>/result.json``, ``federated.log``, ``runs/<run>/``,
@@ -30,7 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from models.io import atomic_write_json
-from privacy_firewall.config import CONF_DIR
+from privacy_firewall.settings import conf_dir
 
 #: the sweep folder of the current multirun (set by the first job)
 SWEEP_DIRS: list[Path] = []
@@ -48,12 +48,11 @@ def firewall_scores(cfg, job_dir: Path) -> dict:
     if cfg.sweep.eval_subjects == 0:
         return {}
     d = cfg.to_dict()
-    key = hashlib.sha256(json.dumps([d["backend"], d["firewall"], d["seed"], d["sweep"]], sort_keys=True,
-                                    default=str).encode()).hexdigest()[:20]
+    key = hashlib.sha256(json.dumps([d["firewall"], d["sweep"]], sort_keys=True, default=str).encode()).hexdigest()[:20]
     cache = Path(cfg.paths.home).expanduser() / "sweep-evaluations" / f"{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    scores = evaluate(cfg, n=cfg.sweep.eval_subjects, out=job_dir / "firewall_eval",
+    scores = evaluate(cfg.firewall, n=cfg.sweep.eval_subjects, out=job_dir / "firewall_eval",
                       clinic_seed=cfg.sweep.eval_clinic_seed, panels=4, progress=False)
     atomic_write_json(cache, scores)
     return scores
@@ -61,20 +60,20 @@ def firewall_scores(cfg, job_dir: Path) -> dict:
 
 def run_job(job_dir: Path, overrides: list[str]) -> dict:
     """One sweep job: federated run + firewall scores -> ``job_dir/result.json``."""
-    from privacy_firewall.config import load_config
-    from scripts import run_federated
+    from skinfed import launch
+    from skinfed.config import load_run_config
 
     t0 = time.time()
     job_dir.mkdir(parents=True, exist_ok=True)
     result: dict = {"status": "failed", "overrides": dict(_parse(o) for o in overrides), "error": None}
     try:
-        cfg = load_config(overrides)
+        cfg = load_run_config(overrides)
         fw = firewall_scores(cfg, job_dir)
         result.update({k: fw.get(k) for k in ("iou_syn_gt", "iou_orig_syn", "identity_flip_rate",
                                               "erythema_kept_rate", "erythema_removed_rate")})
         log = job_dir / "federated.log"
         runs = job_dir / "runs"
-        rc = run_federated.main([*overrides, f"paths.runs={runs}"], log_file=log)
+        rc = launch.main([*overrides, f"paths.runs={runs}"], log_file=log)
         metrics = sorted(runs.glob("*/metrics.json"))
         if rc != 0 or not metrics:
             tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-8:] if log.exists() else []
@@ -93,7 +92,7 @@ def run_job(job_dir: Path, overrides: list[str]) -> dict:
     return result
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+@hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def main(_cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
@@ -109,7 +108,7 @@ def main(_cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     main()
-    from scripts.sweep_summary import summarise
+    from skinfed.sweep_summary import summarise
 
     for sweep_dir in SWEEP_DIRS:
         summarise(sweep_dir, sweep_dir)

@@ -2,7 +2,7 @@
 
     skinfed-run                                   # 4 hospitals, embedded model, the defaults
     skinfed-run federation.num_hospitals=20 federation.num_rounds=5
-    skinfed-run backend=sd3 backend.model_path=/models/sd3 federation.client_resources.num_gpus=0.25
+    skinfed-run backend=sd3 firewall.backend.model_path=/models/sd3 federation.client_resources.num_gpus=0.25
 
 It composes ``conf/`` with the overrides (a bad key fails here, before anything
 starts), then runs
@@ -10,7 +10,8 @@ starts), then runs
     flwr run . --stream --run-config 'overrides="..."' \\
         --federation-config 'num-supernodes=N client-resources-num-cpus=C client-resources-num-gpus=G'
 
-so the number of simulated SuperNodes always equals federation.num_hospitals.
+so the number of simulated SuperNodes always equals federation.num_hospitals
+(DEFAULT_HOSPITALS when it is null: plain `flwr run .` starts Flower's default of 2).
 flwr starts a local SuperLink in the background when none is running; this
 command stops the one it started (``--keep-superlink`` leaves it for the next
 run). Exit code 0 when the run finished and wrote its results, 1 when it did
@@ -32,6 +33,8 @@ import urllib.request
 from pathlib import Path
 
 APP_DIR = Path(__file__).resolve().parents[1]
+#: Hospitals of the main job when federation.num_hospitals is null.
+DEFAULT_HOSPITALS = 4
 RESULTS_LINE = re.compile(r"results in (\S+)")
 SUPERLINK_HEALTH = "http://127.0.0.1:{port}/health"
 
@@ -119,10 +122,10 @@ def main(argv: list[str] | None = None, log_file: str | Path | None = None) -> i
     parser.add_argument("--keep-superlink", action="store_true", help="leave the local SuperLink running afterwards")
     args = parser.parse_args(argv)
 
-    from privacy_firewall.config import ConfigError, load_config
+    from skinfed.config import ConfigError, load_run_config
 
     try:
-        cfg = load_config(args.overrides)
+        cfg = load_run_config(args.overrides)
     except ConfigError as exc:
         print(f"skinfed-run: error: {exc}", file=sys.stderr)
         return 2
@@ -131,7 +134,8 @@ def main(argv: list[str] | None = None, log_file: str | Path | None = None) -> i
               "single quotes (key='a b')", file=sys.stderr)
         return 2
     res = cfg.federation.client_resources
-    cmd = flwr_command(args.overrides, Path(args.app), cfg.federation.num_hospitals, res.num_cpus, res.num_gpus)
+    hospitals = cfg.federation.num_hospitals or DEFAULT_HOSPITALS
+    cmd = flwr_command(args.overrides, Path(args.app), hospitals, res.num_cpus, res.num_gpus)
 
     env = dict(os.environ)
     # The project is installed already: no per-run `uv sync` of torch & co. No telemetry.
@@ -141,8 +145,8 @@ def main(argv: list[str] | None = None, log_file: str | Path | None = None) -> i
     port = int(env.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091"))
     before = superlink_pids(port) if superlink_running(port) else set()
 
-    print(f"skinfed-run: {cfg.federation.num_hospitals} hospitals, {cfg.federation.num_rounds} rounds, "
-          f"{cfg.federation.strategy}, backend {cfg.backend.name}", flush=True)
+    print(f"skinfed-run: {hospitals} hospitals, {cfg.federation.num_rounds} rounds, "
+          f"{cfg.federation.strategy}, backend {cfg.firewall.backend.name}", flush=True)
     results: str | None = None
     failed = False
     try:

@@ -1,0 +1,73 @@
+"""The threshold rule: which reference each surrogate mask is scored against, and
+theta*, the threshold that makes the cohort's surrogate masks agree with it best.
+
+theta* maximises the cohort's mean IoU between the surrogates' differential masks
+and a reference: the supplied ground truth where there is one, otherwise the
+patient's own differential mask M_orig (photo vs its own healthy twin, at
+``firewall.mask.default_threshold``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from privacy_firewall.firewall import TwinResult
+from privacy_firewall.masks import Calibration, calibrate_threshold, differential_mask, threshold_grid
+from privacy_firewall.settings import MaskSettings
+
+
+@dataclass
+class CohortMasks:
+    """Masks of a cohort at its calibrated threshold."""
+
+    theta: float
+    calibration: Calibration | None
+    reference_kind: str  # ground truth | original differential mask | none
+    masks: list[np.ndarray | None]
+    references: list[np.ndarray | None]
+
+
+def reference_masks(results: list[TwinResult], ground_truth: list[np.ndarray | None], mask: MaskSettings) -> tuple[list, str]:
+    """M_orig per image: the supplied ground truth where there is one, else the
+    original identity's own differential mask at the default threshold."""
+    m = mask
+    refs: list[np.ndarray | None] = []
+    kinds = set()
+    for res, gt in zip(results, ground_truth):
+        if not res.ok:
+            refs.append(None)
+        elif gt is not None:
+            refs.append(gt)
+            kinds.add("ground truth")
+        elif res.original_difference is not None:
+            refs.append(differential_mask(res.original_difference, m.default_threshold, m.open_radius, m.min_component_area))
+            kinds.add("original differential mask")
+        else:
+            refs.append(None)
+    kind = " + ".join(sorted(kinds)) if kinds else "none"
+    return refs, kind
+
+
+def cohort_masks(results: list[TwinResult], ground_truth: list[np.ndarray | None], mask: MaskSettings,
+                 saved_theta: float | None = None) -> CohortMasks:
+    """Calibrate theta* on the cohort (or use the configured/saved threshold) and
+    threshold every surrogate's a* difference."""
+    m = mask
+    refs, kind = reference_masks(results, ground_truth, mask)
+    pairs = [(r.a_star_difference, ref) for r, ref in zip(results, refs) if r.ok and ref is not None]
+    calibration = None
+    if m.threshold != "auto":
+        theta = float(m.threshold)
+    elif saved_theta is not None:
+        theta = saved_theta
+    elif pairs:
+        grid = threshold_grid(m.calibration_max, m.calibration_step)
+        calibration = calibrate_threshold([p[0] for p in pairs], [p[1] for p in pairs], grid)
+        theta = calibration.theta_star
+    else:
+        theta = m.default_threshold
+    masks = [differential_mask(r.a_star_difference, theta, m.open_radius, m.min_component_area) if r.ok else None
+             for r in results]
+    return CohortMasks(theta, calibration, kind, masks, refs)

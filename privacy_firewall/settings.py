@@ -1,0 +1,301 @@
+"""The privacy firewall's settings: typed, checked once, owned by this package.
+
+The values live in ``conf/`` (Hydra): ``conf/firewall/default.yaml`` for what every
+backend shares, and one ``conf/backend/<name>.yaml`` per backend, which fills in
+``firewall.backend`` and that backend's FlowEdit defaults ``firewall.flowedit``.
+Each value has exactly one home there; these data classes hold the types and the
+checks, so an unknown key or a bad value is a clear :class:`ConfigError`.
+
+The firewall reads nothing else: no federation, model or data settings. A
+project that embeds it (the Flower apps) composes the same ``conf/`` and hands
+the ``firewall`` node to :func:`firewall_settings`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used, with what to do instead."""
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, allowed))}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+# ----------------------------------------------------------------------------- the settings
+@dataclass
+class BackendSettings:
+    """Which flow model, and how to load it (``conf/backend/<name>.yaml``)."""
+
+    name: str  # embedded | sd3 | flux
+    model_path: Optional[str]  # a local folder (or a repo id already in the offline HF cache); null = shipped weights
+    dtype: str  # fp32 | fp16 | bf16
+    device: str  # auto | cpu | cuda | cuda:1 ...
+    working_size: Optional[int]  # longer side in pixels; null = the model's native size
+    drop_t5: bool  # SD3 only: leave out the 4.7B T5 encoder
+    vae_tiling: bool
+    vae_slicing: bool
+    cpu_offload: bool
+    max_sequence_length: int  # text tokens for the T5 encoder (SD3/FLUX)
+
+    def __post_init__(self) -> None:
+        _choice("firewall.backend.name", self.name, ("embedded", "sd3", "flux"))
+        _choice("firewall.backend.dtype", self.dtype, ("fp32", "fp16", "bf16"))
+        if self.name == "flux" and self.drop_t5:
+            raise ConfigError("firewall.backend.drop_t5=true is only possible with sd3: FLUX needs its T5 encoder")
+        if self.working_size is not None:
+            _positive("firewall.backend.working_size", self.working_size)
+        _positive("firewall.backend.max_sequence_length", self.max_sequence_length)
+
+
+@dataclass
+class FlowEditSettings:
+    """FlowEdit (Kulikov et al.): the schedule window and the guidance of both branches.
+
+    The defaults are the backend's (``conf/backend/<name>.yaml``); override them as
+    ``firewall.flowedit.n_max=20``."""
+
+    steps: int  # T, the schedule length
+    n_max: int  # edit the last n_max of the T steps (higher = stronger edit)
+    n_min: int  # the last n_min steps are plain sampling of the target
+    n_avg: int  # noise draws averaged per step
+    source_guidance: float  # CFG scale of the source branch
+    target_guidance: float  # CFG scale of the target branch (gamma_tgt of eq. 1)
+    guidance_mode: str  # cfg | mixed (the paper's eq. 1)
+    mixed_source_guidance: float  # gamma_src of eq. 1, mixed mode only
+
+    def __post_init__(self) -> None:
+        _positive("firewall.flowedit.steps", self.steps)
+        if not 0 <= self.n_min <= self.n_max <= self.steps:
+            raise ConfigError(
+                f"need 0 <= firewall.flowedit.n_min ({self.n_min}) <= firewall.flowedit.n_max ({self.n_max}) "
+                f"<= firewall.flowedit.steps ({self.steps})"
+            )
+        _positive("firewall.flowedit.n_avg", self.n_avg)
+        _choice("firewall.flowedit.guidance_mode", self.guidance_mode, ("cfg", "mixed"))
+
+
+@dataclass
+class PromptSettings:
+    """Prompt templates. ``{sex}`` is the source's sex word, ``{target_sex}`` the
+    surrogate's, ``{identity}`` the sampled identity's attribute phrases (with a
+    leading comma, empty in opposite_sex mode)."""
+
+    source: str
+    target: str
+    healthy: str
+    original_healthy: str
+
+
+@dataclass
+class IdentitySettings:
+    """What the surrogate's identity is."""
+
+    # new_identity: every attribute the backend can express is drawn at random
+    # (from the hospital's secret key) for each photo; opposite_sex: the paper's
+    # prompt-only sex swap (kept for comparison: it is NOT de-identification).
+    mode: str
+    # Backends that take an erythema map (the embedded model, version 2) draw the
+    # new identity from noise with the patient's erythema map, so nothing of the
+    # photo but its erythema reaches the surrogate.
+    use_erythema_map: bool
+    # Threshold (a* units) of the patient's own differential mask M_orig that
+    # becomes the erythema map.
+    erythema_map_threshold: float
+    # A surrogate the gate still links to its source is redrawn with a new
+    # identity this many times in all before the photo is refused.
+    attempts: int
+
+    def __post_init__(self) -> None:
+        _choice("firewall.identity.mode", self.mode, ("new_identity", "opposite_sex"))
+        _positive("firewall.identity.attempts", self.attempts)
+
+
+@dataclass
+class GateSettings:
+    """The per-image check that fails closed."""
+
+    # auto: the backend's own identity matcher (embedded) or the dlib face
+    # recogniser (real photos; `pip install 'skinfed[faces]'`); none: no check.
+    matcher: str
+    # With no matcher available: refuse every photo (true) or pass them with a
+    # warning (false). Without a matcher nothing shows a surrogate is unlinkable.
+    require_matcher: bool
+    # Refuse photos the backend was not made for (the embedded model: anything
+    # that is not a synthetic-clinic face, e.g. a real photo).
+    out_of_distribution_check: bool
+
+    def __post_init__(self) -> None:
+        _choice("firewall.gate.matcher", self.matcher, ("auto", "none"))
+
+
+@dataclass
+class MaskSettings:
+    signed: bool  # redness increase only (a*_path - a*_healthy > theta)
+    blur_sigma: float
+    open_radius: int
+    min_component_area: int
+    threshold: Any  # a number (a* units) or "auto" (the calibrated theta*)
+    default_threshold: float
+    calibration_max: float
+    calibration_step: float
+
+    def __post_init__(self) -> None:
+        if self.threshold != "auto":
+            try:
+                self.threshold = float(self.threshold)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"firewall.mask.threshold={self.threshold!r}: give a number (a* units) or auto"
+                ) from None
+        _positive("firewall.mask.blur_sigma", self.blur_sigma, allow_zero=True)
+        _positive("firewall.mask.open_radius", self.open_radius, allow_zero=True)
+        _positive("firewall.mask.min_component_area", self.min_component_area, allow_zero=True)
+        _positive("firewall.mask.calibration_step", self.calibration_step)
+        _positive("firewall.mask.calibration_max", self.calibration_max)
+
+
+@dataclass
+class FirewallSettings:
+    backend: BackendSettings
+    flowedit: FlowEditSettings
+    prompts: PromptSettings
+    identity: IdentitySettings
+    gate: GateSettings
+    mask: MaskSettings
+    source_sex: str  # auto | woman | man | person
+    fallback_target_sex: str  # opposite_sex mode, when the source is "person"
+    original_healthy_twin: bool
+    batch_size: int
+    min_output_std: float
+    cache_dir: str  # content-addressed results, keyed by the secret key
+    key_file: str  # the hospital's secret key (created on first use, 0600)
+
+    def __post_init__(self) -> None:
+        _choice("firewall.source_sex", self.source_sex, ("auto", "woman", "man", "person"))
+        _choice("firewall.fallback_target_sex", self.fallback_target_sex, ("woman", "man"))
+        _positive("firewall.batch_size", self.batch_size)
+        if self.identity.mode == "new_identity" and self.identity.use_erythema_map and not self.original_healthy_twin:
+            raise ConfigError(
+                "firewall.identity.use_erythema_map=true needs firewall.original_healthy_twin=true: "
+                "the erythema map is the patient's own differential mask"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return OmegaConf.to_container(OmegaConf.structured(self), resolve=True)  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- composing conf/
+def conf_dir() -> Path:
+    """The Hydra configuration folder: ``$SKINFED_CONF_DIR``, else ``conf/`` beside
+    this package (a checkout, an editable install or a Flower app bundle)."""
+    env = os.environ.get("SKINFED_CONF_DIR")
+    folder = Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
+    if not (folder / "config.yaml").is_file():
+        raise ConfigError(
+            f"no configuration at {folder} (config.yaml missing): run from a checkout of the project, "
+            "or set SKINFED_CONF_DIR to its conf/ folder"
+        )
+    return folder
+
+
+def parse_overrides(text: str | list[str] | None) -> list[str]:
+    """Overrides as a list, from a list or one shell-quoted string."""
+    if text is None:
+        return []
+    if isinstance(text, str):
+        return shlex.split(text)
+    return list(text)
+
+
+#: Keys that moved in version 0.2, with their new place (a hint in the error).
+MOVED_KEYS = {
+    "backend.": "firewall.backend.",
+    "firewall.steps": "firewall.flowedit.steps",
+    "firewall.n_max": "firewall.flowedit.n_max",
+    "firewall.n_min": "firewall.flowedit.n_min",
+    "firewall.n_avg": "firewall.flowedit.n_avg",
+    "firewall.source_guidance": "firewall.flowedit.source_guidance",
+    "firewall.target_guidance": "firewall.flowedit.target_guidance",
+    "firewall.guidance_mode": "firewall.flowedit.guidance_mode",
+    "firewall.mixed_source_guidance": "firewall.flowedit.mixed_source_guidance",
+}
+
+
+def _moved_hint(item: str) -> str:
+    key = item.split("=", 1)[0].lstrip("+~")
+    for old, new in MOVED_KEYS.items():
+        if key == old or (old.endswith(".") and key.startswith(old)):
+            return f" ({old.rstrip('.')} is now {new.rstrip('.')}: write {new + key[len(old):] if old.endswith('.') else new}=...)"
+    return ""
+
+
+def compose(overrides: str | list[str] | None = None) -> DictConfig:
+    """Compose ``conf/`` with Hydra and apply ``overrides`` (``key=value`` strings)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    items = parse_overrides(overrides)
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. firewall.flowedit.n_max=20)")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            composed = hydra_compose(config_name="config", overrides=items)
+        # Each package types its own part: interpolations across parts
+        # (${paths.home}) must be resolved while the whole is still together.
+        OmegaConf.resolve(composed)
+        return composed
+    except (HydraException, OmegaConfBaseException) as exc:
+        detail = str(exc).split("Config search path")[0].strip()
+        hints = "".join(_moved_hint(i) for i in items)
+        if hints:  # Hydra's "to append use +key" advice would mislead here
+            detail = detail.splitlines()[0]
+        raise ConfigError(f"bad configuration override: {detail}{hints}") from None
+
+
+def typed(schema: type, node: Any, where: str) -> Any:
+    """``node`` checked against the data class ``schema`` (unknown keys, wrong
+    types, bad values) and turned into it."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        msg = str(exc).split("\n")[0]
+        key = getattr(exc, "full_key", None)
+        at = f"{where}.{key}" if key else where
+        raise ConfigError(f"bad configuration at {at}: {msg}") from None
+
+
+def firewall_settings(composed: DictConfig) -> FirewallSettings:
+    """The firewall's part of a composed configuration, typed and checked."""
+    try:
+        node = composed.firewall
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"bad configuration: {str(exc).splitlines()[0]}") from None
+    return typed(FirewallSettings, node, "firewall")
+
+
+def load_firewall_settings(overrides: str | list[str] | None = None) -> FirewallSettings:
+    """The firewall's settings from ``conf/`` with ``overrides`` applied."""
+    return firewall_settings(compose(overrides))

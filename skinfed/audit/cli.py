@@ -1,0 +1,198 @@
+"""`skinfed-audit`: attack what a hospital sends, with the firewall on and off and with DP.
+
+    skinfed-audit [--out DIR] [--gallery 16] [--iterations 200] [--inversion-patients 1]
+                  [--checkpoint RUN_DIR|checkpoint.pt|model.safetensors] [key=value ...]
+
+``key=value`` are the runs' Hydra overrides (``model.local_epochs=5``,
+``firewall.identity.mode=opposite_sex``, ``federation.dp.noise_multiplier=0.5`` ...).
+Progress goes to stderr; the last stdout line is one JSON object with the
+headline numbers; ``audit.json`` and ``audit.png`` are written to ``--out``.
+
+Default budget (about 10 minutes on 2 CPU cores, the firewall's first pass
+included): a gallery of 16 synthetic patients, all attacks on all 16, and one
+inversion of 200 iterations (with its positive control) -- a smoke budget: the
+literature runs 10k+ iterations on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skinfed.audit.experiment import AuditData, AuditModels, AuditSettings, run_audit
+from skinfed.audit.inversion import InversionBudget
+
+log = logging.getLogger("skinfed.audit")
+
+
+@dataclass
+class AuditInputs:
+    data: AuditData
+    models: AuditModels
+    settings: AuditSettings
+    epsilon_fn: object
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    """A run directory, its checkpoint.pt or its model.safetensors."""
+    if path.is_dir():
+        path = path / "model.safetensors" if (path / "model.safetensors").is_file() else path / "checkpoint.pt"
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state)
+
+
+# ----------------------------------------------------------------------------- the glue
+def prepare_inputs(overrides: list[str], gallery_size: int, checkpoint: str | None,
+                   settings: AuditSettings) -> AuditInputs:
+    """Everything the audit needs from the project: the run config, the clinic's
+    patients, the firewall's surrogates, the U-Net, its loss and local training.
+    (The only function that knows the project's config and data API.)"""
+    from models import segmentation
+    from privacy_firewall.firewall import PhotoRequest, PrivacyFirewall
+    from privacy_firewall.masks import differential_mask
+    from server.differential_privacy import DpSettings, epsilon_per_round
+    from skinfed.config import load_run_config
+    from synthetic_clinic import render_subject
+
+    cfg = load_run_config(overrides)
+    size = cfg.data.image_size
+
+    # The hospital's patients: subjects of the synthetic clinic, through its firewall.
+    subjects = [render_subject(cfg.data.clinic_seed, i, size) for i in range(gallery_size)]
+    firewall = PrivacyFirewall(cfg.firewall)
+    print(f"privacy firewall on {gallery_size} photos (cached after the first audit)", file=sys.stderr)
+    twins = firewall.run([PhotoRequest(s.pathological, sex=s.subject.sex) for s in subjects], progress=True)
+    threshold = cfg.firewall.mask.threshold
+    threshold = cfg.firewall.mask.default_threshold if threshold == "auto" else float(threshold)
+    mask_settings = cfg.firewall.mask
+    # Patients first (the firewall accepted them), then the photos it refused: they stay in the
+    # gallery as other people (fail closed: a refused photo is never trained on).
+    order = [i for i, t in enumerate(twins) if t.ok] + [i for i, t in enumerate(twins) if not t.ok]
+    patients = [i for i in order if twins[i].ok]
+    if len(patients) < 2:
+        reasons = sorted({t.reason for t in twins if not t.ok})
+        raise SystemExit(f"skinfed-audit: the firewall accepted {len(patients)} of {gallery_size} photos, the audit "
+                         f"needs 2 or more; it refused them because: {'; '.join(reasons)}")
+    data = AuditData(
+        originals=[subjects[i].pathological for i in order],
+        # Firewall off, the hospital would train on the photos with their ground-truth masks.
+        original_masks=[subjects[i].mask for i in order],
+        surrogates=[twins[i].surrogate for i in patients],
+        surrogate_masks=[differential_mask(twins[i].a_star_difference, threshold, mask_settings.open_radius,
+                                           mask_settings.min_component_area) for i in patients],
+    )
+
+    # The model the server sends in round 1 (as the ServerApp builds it), its loss,
+    # and the hospital's local training (the same loop as segmentation.train).
+    torch.manual_seed(cfg.seed)
+    initial = segmentation.build_model(cfg.model)
+    loss_fn = segmentation.SegmentationLoss(cfg.model.dice_weight, cfg.model.bce_weight)
+
+    def local_training(model, images, masks, seed):
+        segmentation.train_centralised_baseline(model, list(images), list(masks), cfg.model,
+                                                epochs=cfg.model.local_epochs, seed=seed)
+
+    trained = segmentation.build_model(cfg.model)
+    if checkpoint:
+        trained.load_state_dict(_load_state(Path(checkpoint).expanduser()))
+        trained_from = f"checkpoint {Path(checkpoint).name}"
+    else:
+        # A trained state without a run: one round of local training on other clinic subjects.
+        trained.load_state_dict(initial.state_dict())
+        others = [render_subject(cfg.data.clinic_seed, gallery_size + i, size) for i in range(24)]
+        print("training a model state for the trained-state attacks", file=sys.stderr)
+        local_training(trained, [s.pathological for s in others], [s.mask for s in others], cfg.seed)
+        trained_from = f"one round of local training ({cfg.model.local_epochs} epochs) on 24 other subjects"
+
+    # The hospital's training seed is secret (client/hospital.py: training_seed); the
+    # audit picks one, and an attacker who does not know it replays with another.
+    hospital_seed = cfg.seed * 1_000_003 + 1009
+    hospitals = cfg.federation.num_hospitals or 4
+    dp = cfg.federation.dp
+    settings = replace(
+        settings, hospital_seed=hospital_seed, other_seed=hospital_seed + 7919,
+        num_sampled_clients=max(1, round(hospitals * cfg.federation.fraction_train)), delta=dp.delta,
+        num_rounds=cfg.federation.num_rounds,
+        noise_multiplier=dp.noise_multiplier if dp.mode != "off" else settings.noise_multiplier,
+        clipping_norm=dp.clipping_norm if dp.mode == "client-fixed" else settings.clipping_norm,
+    )
+
+    def epsilon_fn(z: float, delta: float, rounds: int) -> float:
+        dp_settings = DpSettings(mode="client-fixed", noise_multiplier=z, clipping_norm=1.0,
+                                 num_sampled_clients=settings.num_sampled_clients, population_size=hospitals,
+                                 delta=delta)
+        return epsilon_per_round(dp_settings, rounds)[-1]
+
+    models = AuditModels(initial=initial, trained=trained, loss_fn=loss_fn, train=local_training,
+                         trained_from=trained_from)
+    return AuditInputs(data=data, models=models, settings=settings, epsilon_fn=epsilon_fn)
+
+
+# ----------------------------------------------------------------------------- the command
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="skinfed-audit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="output folder (default: <paths.home>/audits/<time>)")
+    parser.add_argument("--gallery", type=int, default=16, help="candidate photos (all are patients)")
+    parser.add_argument("--iterations", type=int, default=InversionBudget.iterations,
+                        help="inversion iterations (the literature uses 10k+ on a GPU)")
+    parser.add_argument("--inversion-patients", type=int, default=1, help="0 skips the inversion")
+    parser.add_argument("--tv-weight", type=float, default=InversionBudget.tv_weight)
+    parser.add_argument("--start", choices=("noise", "average_face"), default="noise",
+                        help="the inversion's starting image (average_face: the gallery's mean)")
+    parser.add_argument("--checkpoint", default=None, help="a trained global model for the trained-state attacks")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, as for the runs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    torch.set_num_threads(max(1, int(os.environ.get("SKINFED_THREADS", os.cpu_count() or 1))))
+
+    start = time.perf_counter()
+    settings = AuditSettings(
+        inversion=InversionBudget(iterations=args.iterations, tv_weight=args.tv_weight, start=args.start),
+        inversion_patients=args.inversion_patients,
+    )
+    inputs = prepare_inputs(args.overrides, args.gallery, args.checkpoint, settings)
+    prepared = time.perf_counter() - start
+    result = run_audit(inputs.data, inputs.models, inputs.settings, epsilon_fn=inputs.epsilon_fn)
+    result.report["seconds"] = {"prepare (firewall, models)": round(prepared, 2), **result.report["seconds"]}
+    result.report["summary"]["seconds"] = round(time.perf_counter() - start, 1)
+    result.report["summary"]["threads"] = torch.get_num_threads()
+
+    out = Path(args.out) if args.out else _default_out(args.overrides)
+    from skinfed.audit.report import json_safe, write_report
+
+    paths = write_report(out, result.report, result.images, inputs.data.originals, inputs.data.surrogates)
+    print(f"audit written to {paths['report']} and {paths['figure']}", file=sys.stderr)
+    summary = {**result.report["summary"], "report": paths["report"], "figure": paths["figure"]}
+    print(json.dumps(json_safe(summary), default=_jsonable))
+    return 0
+
+
+def _default_out(overrides: list[str]) -> Path:
+    from skinfed.config import load_run_config
+
+    home = Path(load_run_config(overrides).paths.home).expanduser()
+    return home / "audits" / time.strftime("%Y%m%d-%H%M%S")
+
+
+def _jsonable(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,405 @@
+"""The audit: every attack on every kind of update, firewall on and off, DP on.
+
+The set-up (one hospital per trial, the strongest case for the attacker): the
+gallery holds the photos of ``P`` patients and optionally other people. In trial
+``i`` the hospital trains on patient ``i`` only: on the firewall's surrogate and
+its differential mask (firewall on), or on the photo itself (firewall off). The
+attacker sees the update and ranks the gallery. Patient ``i`` is linked when it
+outranks everyone the hospital did not train on (chance: 1 / gallery size).
+
+Updates attacked:
+
+* ``fedsgd_b1_*`` / ``fedsgd_b4_*``: the gradient of one step on 1 or 4 patients
+  at the initial model and at a trained one, against each candidate's gradient
+  at the same state (``*_shared_mask``: every candidate labelled with the same
+  mask, so only the image can make the link);
+* ``fedavg_gradient``: the real FedAvg update (the configured local training)
+  against the candidates' one-step gradients (an attacker who does not replay);
+* ``fedavg_replay_seed_known`` / ``_seed_secret``: the real FedAvg update against
+  the attacker's replay of the same local training on each candidate, with the
+  hospital's training seed (an attacker who knows it: the project derived it
+  from public values before issue 13), or with another seed (it is secret);
+* ``pixel_nearest_neighbour``: no attack, the surrogate's own pixel-nearest
+  original, the reference the update attacks should be read against.
+
+Differential privacy (:mod:`skinfed.audit.dp_view`): the hospital's update is
+clipped to ``C`` and noised with ``z C`` per coordinate (a worst-case observer
+of the noised aggregate); ``z = 0`` is what the server itself sees under
+client-side clipping.
+
+Inversion (:mod:`skinfed.audit.inversion`) on the one-step gradient of one
+image at the initial model, with the raw photo's gradient as positive control.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from skinfed.audit import dp_view
+from skinfed.audit.inversion import InversionBudget, invert_gradient, score_reconstruction, verdict
+from skinfed.audit.linkage import LinkageResult, layer_signature, link_rates, pixel_similarity_matrix, similarity_matrix
+from skinfed.audit.updates import (
+    LocalTraining,
+    Update,
+    fedavg_update,
+    fedsgd_gradient,
+    shared_state_names,
+    to_tensors,
+    update_norm,
+    used_parameters,
+)
+
+log = logging.getLogger(__name__)
+
+EpsilonFn = Callable[[float, float, int], float]
+"""(noise_multiplier, delta, rounds) -> epsilon."""
+
+
+@dataclass
+class AuditData:
+    """The gallery and the hospital's training data; index ``i`` is the same
+    person in every list. The first ``len(surrogates)`` gallery entries are the
+    patients (each trained on in its own trial), the rest are other people."""
+
+    originals: list[np.ndarray]  # every candidate's photo, RGB uint8
+    original_masks: list[np.ndarray]  # their masks: the raw photos' training labels and the attacker's labels
+    surrogates: list[np.ndarray]  # the firewall's surrogate of each patient
+    surrogate_masks: list[np.ndarray]  # its differential mask: the hospital's training label
+
+    def __post_init__(self) -> None:
+        if len(self.originals) != len(self.original_masks):
+            raise ValueError("one mask per gallery photo")
+        if len(self.surrogates) != len(self.surrogate_masks) or len(self.surrogates) > len(self.originals):
+            raise ValueError("one surrogate and one mask per patient, and the patients are in the gallery")
+        if len(self.surrogates) < 2:
+            raise ValueError("the audit needs at least 2 patients")
+
+    @property
+    def num_patients(self) -> int:
+        return len(self.surrogates)
+
+
+@dataclass
+class AuditModels:
+    """The model states the attacker knows (it is the server), the loss and the
+    hospital's local training."""
+
+    initial: nn.Module  # the global model a hospital receives in round 1
+    trained: nn.Module | None  # a trained global model (later rounds), or None
+    loss_fn: nn.Module
+    train: LocalTraining
+    trained_from: str = ""  # where the trained state comes from, for the report
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """What the audit runs. The defaults fit 10 minutes on 2 CPU cores with the
+    project's 64-px U-Net and a 16-photo gallery."""
+
+    fedsgd_batch_sizes: tuple[int, ...] = (1, 4)
+    hospital_seed: int = 0  # the hospital's local training seed
+    other_seed: int = 1  # what an attacker replays with when the hospital's seed is secret (any other seed)
+    inversion: InversionBudget = field(default_factory=InversionBudget)
+    inversion_patients: int = 1  # 0 skips the inversion
+    noise_multiplier: float = 1.0  # the DP setting of the headline numbers
+    noise_multipliers: tuple[float, ...] = (0.0, 0.001, 0.01, 0.1, 1.0)  # the sweep (0 = clipping only)
+    clipping_norm: float | None = None  # of FedAvg updates; None = median norm of the hospitals' updates
+    num_sampled_clients: int = 4  # hospitals in a round (the noise on the mean is z C / n)
+    delta: float = 1e-5
+    num_rounds: int = 5  # epsilon is also reported after this many rounds
+    noise_seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AuditResult:
+    report: dict  # everything, JSON-ready
+    images: dict[str, np.ndarray]  # for the figure: true image, surrogate, reconstructions
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._start, 2)
+        self._start = now
+
+
+def _gradients(model: nn.Module, loss_fn: nn.Module, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+               names: Sequence[str], batch_size: int, label: str) -> list[Update]:
+    """One-step gradients of consecutive batches of ``batch_size`` images."""
+    out = []
+    for start in tqdm(range(0, len(images) - batch_size + 1, batch_size), desc=label, unit="grad", leave=False):
+        x, y = to_tensors(images[start : start + batch_size], masks[start : start + batch_size])
+        out.append({n: g.detach() for n, g in fedsgd_gradient(model, loss_fn, x, y, names).items()})
+    return out
+
+
+def _signatures(updates: Sequence[Update], names: Sequence[str], negate: bool = False) -> torch.Tensor:
+    sign = -1.0 if negate else 1.0
+    return torch.stack([sign * layer_signature(u, names) for u in updates])
+
+
+def _shared_mask(masks: Sequence[np.ndarray]) -> np.ndarray:
+    """One mask for every candidate: where at least a quarter of the gallery has
+    erythema (the typical locations), or the first mask if that is empty."""
+    typical = np.mean(np.stack(masks).astype(np.float64), axis=0) >= 0.25
+    return typical if typical.any() else np.asarray(masks[0], dtype=bool)
+
+
+def _dp_epsilon(epsilon_fn: EpsilonFn | None, z: float, delta: float, rounds: int) -> float | None:
+    if epsilon_fn is None:
+        return None
+    return float("inf") if z <= 0 else float(epsilon_fn(z, delta, rounds))
+
+
+def run_audit(data: AuditData, models: AuditModels, settings: AuditSettings,
+              epsilon_fn: EpsilonFn | None = None) -> AuditResult:
+    """Run every attack; ``epsilon_fn`` turns a noise multiplier into epsilon
+    (Flower's accountant, :func:`server.differential_privacy.epsilon_per_round`)."""
+    torch.manual_seed(0)
+    clock = Stopwatch()
+    p = data.num_patients
+    patients = list(range(p))
+    gallery, gallery_masks = data.originals, data.original_masks
+    trials_b1 = [[i] for i in patients]
+    linkage: dict[str, dict[str, LinkageResult]] = {}
+    norms: dict[str, float] = {}
+
+    x0, y0 = to_tensors(gallery[:1], gallery_masks[:1])
+    names = used_parameters(models.initial, models.loss_fn, x0, y0)
+    state_names = shared_state_names(models.initial, names)
+
+    # -- reference: the surrogates' own pixel-nearest originals ----------------------------
+    linkage["pixel_nearest_neighbour"] = {
+        "firewall": link_rates(pixel_similarity_matrix(data.surrogates, gallery), trials_b1)
+    }
+    clock.lap("pixel_nearest_neighbour")
+
+    # -- one step (FedSGD) at the initial and a trained state ------------------------------
+    states = [("initial", models.initial)] + ([("trained", models.trained)] if models.trained is not None else [])
+    gradient_b1: dict[str, dict[str, list[Update]]] = {}
+    candidate_sigs: dict[str, torch.Tensor] = {}
+    for state, model in states:
+        candidates = candidate_sigs[state] = _signatures(_gradients(model, models.loss_fn, gallery, gallery_masks, names, 1,
+                                            f"candidate gradients ({state})"), names)
+        for batch in settings.fedsgd_batch_sizes:
+            usable = p - p % batch
+            if usable < batch:
+                continue
+            members = [list(range(s, s + batch)) for s in range(0, usable, batch)]
+            results = {}
+            for kind, images, masks in (("firewall", data.surrogates, data.surrogate_masks),
+                                        ("raw", gallery[:p], gallery_masks[:p])):
+                observed = _gradients(model, models.loss_fn, images[:usable], masks[:usable], names, batch,
+                                      f"{kind} gradients b{batch} ({state})")
+                if batch == 1:
+                    gradient_b1.setdefault(state, {})[kind] = observed
+                results[kind] = link_rates(similarity_matrix(_signatures(observed, names), candidates), members)
+            linkage[f"fedsgd_b{batch}_{state}"] = results
+        clock.lap(f"fedsgd_{state}")
+
+    # The link without the mask: every candidate labelled with the same mask.
+    shared = [_shared_mask(gallery_masks)] * len(gallery)
+    candidates_shared = _signatures(_gradients(models.initial, models.loss_fn, gallery, shared, names, 1,
+                                               "candidate gradients (shared mask)"), names)
+    linkage["fedsgd_b1_initial_shared_mask"] = {
+        kind: link_rates(similarity_matrix(_signatures(gradient_b1["initial"][kind], names), candidates_shared),
+                         trials_b1)
+        for kind in ("firewall", "raw")
+    }
+    clock.lap("fedsgd_shared_mask")
+
+    # -- the real FedAvg update and the attacker's replays ---------------------------------
+    def local_updates(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], seed: int, label: str) -> list[Update]:
+        return [fedavg_update(models.initial, models.train, [img], [m], seed, state_names)
+                for img, m in tqdm(list(zip(images, masks)), desc=label, unit="hospital", leave=False)]
+
+    observed_firewall = local_updates(data.surrogates, data.surrogate_masks, settings.hospital_seed,
+                                      "local training on surrogates")
+    replay_known_updates = local_updates(gallery, gallery_masks, settings.hospital_seed, "replays (seed known)")
+    replay_secret_updates = local_updates(gallery, gallery_masks, settings.other_seed, "replays (other seed)")
+    # Firewall off: the hospital trains on the photos, so its update with the public
+    # seed *is* the attacker's replay of the patient; with a secret seed it is the
+    # replay under the other seed.
+    observed_raw = replay_known_updates[:p]
+    observed_raw_secret = replay_secret_updates[:p]
+    clock.lap("fedavg_local_training")
+
+    replay_known = _signatures(replay_known_updates, state_names)
+    replay_secret = _signatures(replay_secret_updates, state_names)
+    obs_fw, obs_raw = _signatures(observed_firewall, state_names), _signatures(observed_raw, state_names)
+    obs_raw_secret = _signatures(observed_raw_secret, state_names)
+    del replay_secret_updates, observed_raw_secret  # only their signatures are needed from here on
+    linkage["fedavg_replay_seed_known"] = {
+        "firewall": link_rates(similarity_matrix(obs_fw, replay_known), trials_b1),
+        "raw": link_rates(similarity_matrix(obs_raw, replay_known), trials_b1),
+    }
+    linkage["fedavg_replay_seed_secret"] = {
+        # the hospital trained with its seed, the attacker replays with another one
+        "firewall": link_rates(similarity_matrix(obs_fw, replay_secret), trials_b1),
+        "raw": link_rates(similarity_matrix(obs_raw_secret, replay_known), trials_b1),
+    }
+    # An attacker who does not replay: the update moves against the gradient.
+    candidates_initial = candidate_sigs["initial"]
+    linkage["fedavg_gradient"] = {
+        "firewall": link_rates(similarity_matrix(_signatures(observed_firewall, names, negate=True),
+                                                 candidates_initial), trials_b1),
+        "raw": link_rates(similarity_matrix(_signatures(observed_raw, names, negate=True), candidates_initial),
+                          trials_b1),
+    }
+    norms["fedavg_update_median"] = float(np.median([update_norm(u) for u in observed_firewall]))
+    norms["fedavg_update_median_raw"] = float(np.median([update_norm(u) for u in observed_raw]))
+    running = [n for n in state_names if n not in set(names)]
+    norms["fedavg_running_statistics_share"] = float(np.median(
+        [update_norm({n: u[n] for n in running}) ** 2 / max(update_norm(u) ** 2, 1e-30) for u in observed_firewall]))
+    clock.lap("fedavg_linkage")
+
+    # -- differential privacy ---------------------------------------------------------------
+    rng = np.random.default_rng(settings.noise_seed)
+    clip_fedavg = settings.clipping_norm or norms["fedavg_update_median"]
+    clip_grad = float(np.median([update_norm(g) for g in gradient_b1["initial"]["firewall"]]))
+    norms["fedsgd_gradient_median"] = clip_grad
+    n = settings.num_sampled_clients
+
+    def dp_signatures(updates: Sequence[Update], clip: float, z: float, sig_names: Sequence[str]) -> torch.Tensor:
+        return torch.stack([layer_signature(dp_view.observed_under_central_dp(u, clip, z, n, rng), sig_names)
+                            for u in updates])
+
+    dp_sweep = []
+    for z in tqdm(sorted(set(settings.noise_multipliers) | {settings.noise_multiplier, 0.0}), desc="DP sweep", leave=False):
+        row = {"noise_multiplier": z, "clipping_norm": clip_fedavg,
+               "epsilon_1_round": _dp_epsilon(epsilon_fn, z, settings.delta, 1),
+               f"epsilon_{settings.num_rounds}_rounds": _dp_epsilon(epsilon_fn, z, settings.delta, settings.num_rounds)}
+        results = {kind: link_rates(similarity_matrix(dp_signatures(observed, clip_fedavg, z, state_names),
+                                                      replay_known), trials_b1)
+                   for kind, observed in (("firewall", observed_firewall), ("raw", observed_raw))}
+        row.update({f"replay_top1_{kind}": r.top1 for kind, r in results.items()})
+        dp_sweep.append(row)
+        if z == settings.noise_multiplier:
+            linkage["fedavg_replay_seed_known_dp"] = results
+        if z == 0.0:
+            # What the server itself receives under client-side clipping: clipped, not noised.
+            linkage["fedavg_replay_seed_known_server_view"] = results
+    linkage["fedsgd_b1_initial_dp"] = {
+        kind: link_rates(similarity_matrix(dp_signatures(gradient_b1["initial"][kind], clip_grad,
+                                                         settings.noise_multiplier, names), candidates_initial),
+                         trials_b1)
+        for kind in ("firewall", "raw")
+    }
+    clock.lap("differential_privacy")
+
+    # -- inversion ---------------------------------------------------------------------------
+    inversion: dict = {"budget": asdict(settings.inversion), "patients": []}
+    images: dict[str, np.ndarray] = {}
+    control_ok: list[bool] = []
+    attack_ok: list[bool] = []
+    dp_attack_ok: list[bool] = []
+    start = None
+    if settings.inversion.start == "average_face":
+        start = np.mean(np.stack(gallery).astype(np.float64), axis=0).round().astype(np.uint8)
+    for i in range(min(settings.inversion_patients, p)):
+        entry: dict = {"patient": i}
+        runs = [("firewall", gradient_b1["initial"]["firewall"][i], data.surrogate_masks[i], data.surrogates[i]),
+                ("raw", gradient_b1["initial"]["raw"][i], gallery_masks[i], gallery[i])]
+        for kind, observed, mask, reference in runs:
+            recon, trace = invert_gradient(models.initial, models.loss_fn, observed, mask, gallery[i].shape[0],
+                                           settings.inversion, progress_label=f"inversion {kind} #{i}", start=start)
+            score = score_reconstruction(recon, reference, gallery, i)
+            entry[kind] = {**score.to_dict(), "trace": trace}
+            images[f"reconstruction_{kind}_{i}"] = recon
+            (attack_ok if kind == "firewall" else control_ok).append(score.identifies_patient)
+        # With DP on, run the attack only where the control shows it works at this budget.
+        if control_ok[-1]:
+            noised = dp_view.observed_under_central_dp(gradient_b1["initial"]["firewall"][i], clip_grad,
+                                                       settings.noise_multiplier, n, rng)
+            recon, trace = invert_gradient(models.initial, models.loss_fn, noised, data.surrogate_masks[i],
+                                           gallery[i].shape[0], settings.inversion, progress_label=f"inversion dp #{i}",
+                                           start=start)
+            score = score_reconstruction(recon, data.surrogates[i], gallery, i)
+            entry["firewall_dp"] = {**score.to_dict(), "trace": trace}
+            images[f"reconstruction_firewall_dp_{i}"] = recon
+            dp_attack_ok.append(score.identifies_patient)
+        images[f"patient_{i}"], images[f"surrogate_{i}"] = gallery[i], data.surrogates[i]
+        inversion["patients"].append(entry)
+    if inversion["patients"]:
+        inversion["verdict_firewall"] = verdict(attack_ok, control_ok)
+        inversion["verdict_raw"] = verdict(control_ok, control_ok)
+        inversion["verdict_firewall_dp"] = verdict(dp_attack_ok, control_ok) if dp_attack_ok else verdict([], control_ok)
+    clock.lap("inversion")
+
+    report = {
+        "settings": settings.to_dict(),
+        "gallery_size": len(gallery),
+        "num_patients": p,
+        "trained_state": models.trained_from if models.trained is not None else None,
+        "linkage": {k: {kind: r.to_dict() for kind, r in v.items()} for k, v in linkage.items()},
+        "dp_sweep": dp_sweep,
+        "norms": norms,
+        "inversion": inversion,
+        "seconds": clock.seconds,
+    }
+    report["summary"] = summarise(report)
+    return AuditResult(report=report, images=images)
+
+
+def summarise(report: dict) -> dict:
+    """The headline numbers (the command's last stdout line)."""
+    link = report["linkage"]
+    inv = report["inversion"]
+    first = inv["patients"][0] if inv.get("patients") else {}
+    z = report["settings"]["noise_multiplier"]
+    dp_row = next((r for r in report["dp_sweep"] if r["noise_multiplier"] == z), {})
+    s = report["settings"]
+    return {
+        # The real FedAvg update; the attacker replays the local training on every
+        # candidate with its own seed (the hospital's training seed is secret).
+        "linkage_top1_raw": link["fedavg_replay_seed_secret"]["raw"]["top1"],
+        "linkage_top1_firewall": link["fedavg_replay_seed_secret"]["firewall"]["top1"],
+        "linkage_top5_firewall": link["fedavg_replay_seed_secret"]["firewall"]["top5"],
+        # ... with the hospital's seed (an attacker who knows it)
+        "linkage_top1_raw_seed_known": link["fedavg_replay_seed_known"]["raw"]["top1"],
+        "linkage_top1_firewall_seed_known": link["fedavg_replay_seed_known"]["firewall"]["top1"],
+        # ... without replay: candidates' one-step gradients
+        "linkage_top1_firewall_no_replay": link["fedavg_gradient"]["firewall"]["top1"],
+        # DP on (seed known, the strongest case); the server's own view is clipped, not noised
+        "linkage_top1_raw_dp": link["fedavg_replay_seed_known_dp"]["raw"]["top1"],
+        "linkage_top1_firewall_dp": link["fedavg_replay_seed_known_dp"]["firewall"]["top1"],
+        "linkage_top1_firewall_dp_server_view": link["fedavg_replay_seed_known_server_view"]["firewall"]["top1"],
+        # one step, batch 1, initial model: gradient matching
+        "linkage_top1_raw_fedsgd": link["fedsgd_b1_initial"]["raw"]["top1"],
+        "linkage_top1_firewall_fedsgd": link["fedsgd_b1_initial"]["firewall"]["top1"],
+        "linkage_chance": link["fedavg_replay_seed_secret"]["firewall"]["chance_top1"],
+        "linkage_chance_top5": link["fedavg_replay_seed_secret"]["firewall"]["chance_top5"],
+        "pixel_nearest_neighbour_top1": link["pixel_nearest_neighbour"]["firewall"]["top1"],
+        "inversion_psnr_patient": first.get("firewall", {}).get("psnr_patient"),
+        "inversion_psnr_surrogate": first.get("firewall", {}).get("psnr_reference"),
+        "inversion_psnr_patient_raw": first.get("raw", {}).get("psnr_patient"),
+        "inversion_average_face_psnr": first.get("firewall", {}).get("average_face_psnr"),
+        "inversion_verdict": inv.get("verdict_firewall", "not run"),
+        "inversion_verdict_raw": inv.get("verdict_raw", "not run"),
+        "inversion_verdict_dp": inv.get("verdict_firewall_dp", "not run"),
+        "dp_noise_multiplier": z,
+        "dp_clipping_norm": dp_row.get("clipping_norm"),
+        "dp_delta": s["delta"],
+        "dp_epsilon_1_round": dp_row.get("epsilon_1_round"),
+        f"dp_epsilon_{s['num_rounds']}_rounds": dp_row.get(f"epsilon_{s['num_rounds']}_rounds"),
+        "budget": {"gallery_size": report["gallery_size"], "patients": report["num_patients"],
+                   "inversion_iterations": s["inversion"]["iterations"],
+                   "inversion_patients": min(s["inversion_patients"], report["num_patients"]),
+                   "fedsgd_batch_sizes": list(s["fedsgd_batch_sizes"])},
+        "seconds": round(sum(report["seconds"].values()), 1),
+    }

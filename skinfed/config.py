@@ -1,0 +1,255 @@
+"""The run's configuration: the federation's own settings, and the whole composed.
+
+``conf/`` holds every value once. Each package types and checks its own part:
+``firewall`` -> :class:`privacy_firewall.settings.FirewallSettings`, ``model`` ->
+:class:`models.segmentation.SegmentationSettings`; the data, federation, paths and
+sweep settings belong to the Flower apps and are defined here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from models.segmentation import SegmentationSettings
+from privacy_firewall.settings import (
+    ConfigError,
+    FirewallSettings,
+    compose,
+    firewall_settings,
+    parse_overrides,
+    typed,
+)
+
+__all__ = [
+    "ConfigError", "DataSettings", "DifferentialPrivacySettings", "FederationSettings", "RunConfig",
+    "compose", "load_flower_run_config", "load_run_config", "load_saved_config", "parse_overrides",
+]
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, allowed))}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class DataSettings:
+    """Where the hospitals' photos come from (``conf/data/*.yaml``)."""
+
+    source: str  # synthetic | folder
+    clinic_seed: int
+    num_subjects: int
+    image_size: int
+    holdout_subjects: int
+    holdout_seed: int
+    folder: Optional[str]
+    val_fraction: float
+    # Which masks the hospitals train with: differential (the firewall's, the
+    # default), ground_truth (the synthetic clinic's, an upper bound), or
+    # colour_rule (a single-image a* threshold, the zero-shot baseline).
+    label_source: str
+
+    def __post_init__(self) -> None:
+        _choice("data.source", self.source, ("synthetic", "folder"))
+        if self.source == "folder" and not self.folder:
+            raise ConfigError("data.source=folder needs data.folder=/path/to/hospital/data")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+        _positive("data.num_subjects", self.num_subjects)
+        _positive("data.holdout_subjects", self.holdout_subjects, allow_zero=True)
+        if self.image_size < 32:
+            raise ConfigError(f"data.image_size={self.image_size} must be at least 32")
+        _choice("data.label_source", self.label_source, ("differential", "ground_truth", "colour_rule"))
+        if self.label_source == "ground_truth" and self.source != "synthetic":
+            raise ConfigError("data.label_source=ground_truth needs data.source=synthetic (real photos have no truth)")
+
+
+@dataclass
+class ClientResources:
+    num_cpus: int
+    num_gpus: float
+
+
+@dataclass
+class DifferentialPrivacySettings:
+    """Flower's differential privacy around the strategy (``federation.dp``)."""
+
+    mode: str  # off | client-fixed | client-adaptive
+    noise_multiplier: float
+    clipping_norm: float  # initial norm for adaptive clipping
+    delta: float  # of the (epsilon, delta) reported per round
+
+    def __post_init__(self) -> None:
+        _choice("federation.dp.mode", self.mode, ("off", "client-fixed", "client-adaptive"))
+        _positive("federation.dp.noise_multiplier", self.noise_multiplier, allow_zero=True)
+        _positive("federation.dp.clipping_norm", self.clipping_norm)
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"federation.dp.delta={self.delta} must be in (0, 1)")
+
+
+@dataclass
+class FederationSettings:
+    """The federation (``conf/federation/default.yaml``)."""
+
+    # Hospitals: null = as many as Flower started (the simulation's num-supernodes,
+    # each node's num-partitions); a number fixes it (checked against the nodes).
+    num_hospitals: Optional[int]
+    num_rounds: int
+    strategy: str
+    proximal_mu: float
+    server_learning_rate: float
+    fraction_train: float
+    fraction_evaluate: float
+    # Hospitals that must answer for a round to count: a number, or "majority".
+    min_available_hospitals: Any
+    partitioning: str
+    skew_by: list[str]
+    dirichlet_alpha: float
+    client_resources: ClientResources
+    round_timeout: float
+    connect_timeout: float
+    prepare_timeout: float
+    resume: Optional[str]
+    device: str
+    dp: DifferentialPrivacySettings
+
+    def __post_init__(self) -> None:
+        if self.num_hospitals is not None:
+            _positive("federation.num_hospitals", self.num_hospitals)
+        _positive("federation.num_rounds", self.num_rounds)
+        _choice("federation.strategy", self.strategy, ("fedavg", "fedprox", "fedadam"))
+        _choice("federation.partitioning", self.partitioning, ("dirichlet", "iid"))
+        _positive("federation.dirichlet_alpha", self.dirichlet_alpha)
+        for key in self.skew_by:
+            _choice("federation.skew_by entry", key, ("skin_tone_group", "view", "sex"))
+        for name in ("fraction_train", "fraction_evaluate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"federation.{name}={getattr(self, name)} must be in [0, 1]")
+        _positive("federation.round_timeout", self.round_timeout)
+        _positive("federation.connect_timeout", self.connect_timeout)
+        _positive("federation.prepare_timeout", self.prepare_timeout)
+        _positive("federation.client_resources.num_cpus", self.client_resources.num_cpus)
+        _positive("federation.client_resources.num_gpus", self.client_resources.num_gpus, allow_zero=True)
+        _choice("federation.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
+        m = self.min_available_hospitals
+        if m != "majority":
+            try:
+                m = int(m)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"federation.min_available_hospitals={m!r}: give a number of hospitals or majority"
+                ) from None
+            if m < 1 or (self.num_hospitals is not None and m > self.num_hospitals):
+                raise ConfigError(
+                    f"federation.min_available_hospitals={m} must be between 1 and the number of hospitals "
+                    f"({self.num_hospitals if self.num_hospitals is not None else 'as many as connect'}), or majority"
+                )
+            self.min_available_hospitals = m
+
+    def required_hospitals(self, connected: int) -> int:
+        """Hospitals needed for a round, out of ``connected`` (or num_hospitals)."""
+        total = self.num_hospitals or connected
+        if self.min_available_hospitals == "majority":
+            return max(1, total // 2 + 1)
+        return min(int(self.min_available_hospitals), max(total, 1))
+
+
+@dataclass
+class PathsSettings:
+    home: str
+    runs: str
+
+
+@dataclass
+class SweepSettings:
+    eval_subjects: int
+    eval_clinic_seed: int
+
+    def __post_init__(self) -> None:
+        _positive("sweep.eval_subjects", self.eval_subjects, allow_zero=True)
+
+
+@dataclass
+class RunConfig:
+    """Everything a federated run reads, each part typed by its owner."""
+
+    firewall: FirewallSettings
+    model: SegmentationSettings
+    data: DataSettings
+    federation: FederationSettings
+    seed: int
+    paths: PathsSettings
+    sweep: SweepSettings
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved configuration as plain data (saved with every run)."""
+        return OmegaConf.to_container(OmegaConf.structured(self), resolve=True)  # type: ignore[return-value]
+
+    def with_hospitals(self, count: int) -> RunConfig:
+        """This configuration with ``federation.num_hospitals`` fixed to ``count``."""
+        from dataclasses import replace
+
+        return replace(self, federation=replace(self.federation, num_hospitals=int(count)))
+
+
+def run_config(composed: DictConfig) -> RunConfig:
+    """A composed ``conf/`` typed and checked, part by part."""
+    try:
+        extra = set(composed.keys()) - {"firewall", "model", "data", "federation", "seed", "paths", "sweep", "hydra"}
+        if extra:
+            raise ConfigError(f"unknown top-level configuration key(s): {', '.join(sorted(extra))}")
+        return RunConfig(
+            firewall=firewall_settings(composed),
+            model=typed(SegmentationSettings, composed.model, "model"),
+            data=typed(DataSettings, composed.data, "data"),
+            federation=typed(FederationSettings, composed.federation, "federation"),
+            seed=int(composed.seed),
+            paths=typed(PathsSettings, composed.paths, "paths"),
+            sweep=typed(SweepSettings, composed.sweep, "sweep"),
+        )
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"bad configuration: {str(exc).splitlines()[0]}") from None
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"bad configuration: {exc}") from None
+
+
+def load_run_config(overrides: str | list[str] | None = None) -> RunConfig:
+    """The run's configuration with ``overrides`` applied, typed and checked."""
+    return run_config(compose(overrides))
+
+
+def load_flower_run_config(run_config_record: Any = None) -> RunConfig:
+    """The configuration of a Flower run: ``$SKINFED_OVERRIDES`` (for containers
+    and tests), then the run config's ``overrides`` string (``flwr run .
+    --run-config 'overrides="federation.num_rounds=5"'``), later ones winning."""
+    overrides = parse_overrides(os.environ.get("SKINFED_OVERRIDES", ""))
+    overrides += parse_overrides(str((run_config_record or {}).get("overrides", "") or ""))
+    return load_run_config(overrides)
+
+
+def load_saved_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """A run's saved ``config.yaml`` (plus ``key=value`` overrides); the paths are
+    this machine's, from the current configuration."""
+    try:
+        saved = OmegaConf.load(path)
+        current = compose([])
+        saved.paths = current.paths
+        saved.firewall.cache_dir = current.firewall.cache_dir
+        saved.firewall.key_file = current.firewall.key_file
+        if overrides:
+            saved = OmegaConf.merge(saved, OmegaConf.from_dotlist(parse_overrides(overrides)))
+    except (OSError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"cannot read the saved configuration {path}: {exc}") from None
+    return run_config(saved)

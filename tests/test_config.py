@@ -1,0 +1,81 @@
+"""Configuration by owner: each package types and checks its own part, each
+FlowEdit value has one home, and bad values are refused with what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from privacy_firewall.settings import ConfigError, FlowEditSettings, load_firewall_settings
+from skinfed.config import load_run_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+FLOWEDIT_KEYS = set(FlowEditSettings.__dataclass_fields__)
+
+
+def _keys(node, prefix=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield f"{prefix}{k}"
+            yield from _keys(v, f"{prefix}{k}.")
+
+
+def test_each_flowedit_value_has_one_home():
+    """FlowEdit values live only in conf/backend/<name>.yaml under flowedit:, and
+    the composed settings take them from there (no copy elsewhere in conf/)."""
+    homes: dict[str, list[str]] = {}
+    for path in sorted(CONF.rglob("*.yaml")):
+        for key in _keys(yaml.safe_load(path.read_text()) or {}):
+            leaf = key.rsplit(".", 1)[-1]
+            if leaf in FLOWEDIT_KEYS and leaf not in ("steps",):  # "steps" is a common word; checked below
+                homes.setdefault(leaf, []).append(f"{path.relative_to(CONF)}:{key}")
+    for leaf, places in homes.items():
+        assert all(p.startswith("backend/") and ":flowedit." in p for p in places), (leaf, places)
+    for backend in ("embedded", "sd3", "flux"):
+        doc = yaml.safe_load((CONF / "backend" / f"{backend}.yaml").read_text())
+        assert set(doc["flowedit"]) == FLOWEDIT_KEYS, backend
+        settings = load_firewall_settings([f"backend={backend}"])
+        assert {k: getattr(settings.flowedit, k) for k in FLOWEDIT_KEYS} == doc["flowedit"]
+
+
+def test_an_override_reaches_the_one_setting_and_the_saved_config():
+    cfg = load_run_config(["firewall.flowedit.target_guidance=9"])
+    assert cfg.firewall.flowedit.target_guidance == 9.0
+    assert cfg.to_dict()["firewall"]["flowedit"]["target_guidance"] == 9.0
+    assert "target_guidance" not in cfg.to_dict()["firewall"]  # no second copy
+    assert load_run_config(["backend=sd3"]).firewall.flowedit.target_guidance == 13.5  # the backend's default
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("federation.client_resources.num_cpus=-3", "federation.client_resources.num_cpus"),  # the bug of issue 13
+    ("federation.client_resources.num_gpus=-1", "federation.client_resources.num_gpus"),
+    ("federation.min_available_hospitals=many", "majority"),
+    ("federation.dp.mode=sometimes", "federation.dp.mode"),
+    ("model.decoder_channels=[8]", "model.decoder_channels"),
+    ("data.label_source=crowd", "data.label_source"),
+    ("firewall.flowedit.n_max=99", "firewall.flowedit.n_max"),
+    ("firewall.identity.mode=swap", "firewall.identity.mode"),
+    ("backend.model_path=/x", "firewall.backend.model_path"),  # the old key says where it went
+    ("firewall.target_guidance=9", "firewall.flowedit.target_guidance"),
+])
+def test_bad_values_are_refused_with_their_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_run_config([override])
+    assert message in str(err.value)
+
+
+def test_the_firewall_settings_are_the_firewall_s_own():
+    """The firewall reads its own part only: no federation, model or data settings."""
+    settings = load_firewall_settings([])
+    assert set(settings.to_dict()) == {
+        "backend", "flowedit", "prompts", "identity", "gate", "mask", "source_sex", "fallback_target_sex",
+        "original_healthy_twin", "batch_size", "min_output_std", "cache_dir", "key_file"}
+
+
+def test_majority_of_the_connected_hospitals():
+    f = load_run_config([]).federation
+    assert f.num_hospitals is None and f.min_available_hospitals == "majority"
+    assert [f.required_hospitals(n) for n in (1, 2, 3, 4, 5)] == [1, 2, 2, 3, 3]
+    assert load_run_config(["federation.min_available_hospitals=1"]).federation.required_hospitals(4) == 1

@@ -1,0 +1,139 @@
+"""The server's failure accounting (issue 14): which hospitals trained, failed,
+were not ready or never replied, per round, a bounded wait for hospitals, and
+per-round seconds in the run directory. No Flower runtime: a fake grid and
+hand-made replies."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from server.strategy import NotEnoughHospitals, classify_replies, recording_strategy
+
+SUPERLINK = 1  # flwr's SUPERLINK_NODE_ID: the source of replies the SuperLink makes itself
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    for attr in ("_run_id", "_task_id", "_node_id"):  # messages are made inside a task in real runs
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+def _meta(src: int, reply_to: str) -> Metadata:
+    return Metadata(run_id=1, message_id="", src_node_id=src, dst_node_id=0, reply_to_message_id=reply_to,
+                    group_id="1", created_at=0.0, ttl=60.0, message_type="train")
+
+
+def _ok(src: int, reply_to: str, value: float = 1.0, n: int = 2) -> Message:
+    content = RecordDict({"arrays": ArrayRecord({"w": torch.full((2,), value)}),
+                          "metrics": MetricRecord({"train_loss": value, "num-examples": n, "firewall_accepted": n,
+                                                   "firewall_refused": 0})})
+    return Message(metadata=_meta(src, reply_to), content=content)
+
+
+def _error(src: int, reply_to: str, code: int, reason: str) -> Message:
+    return Message(metadata=_meta(src, reply_to), error=Error(code=code, reason=reason))
+
+
+def test_replies_are_sorted_by_hospital():
+    sent = {"m11": 11, "m12": 12, "m13": 13, "m14": 14, "m15": 15}
+    replies = [
+        _ok(11, "m11"),
+        _error(12, "m12", 2, "<class 'client.app.HospitalError'>:<'train failed at the hospital with ValueError'>"),
+        _error(13, "m13", 2, "<class 'FirewallNotReady'>:<'not ready: 3 of 12 photos done'>"),
+        _error(SUPERLINK, "m14", 5, "Error: Node Unavailable"),  # made by the SuperLink: names our message
+        # m15: no reply before the timeout
+    ]
+    outcome = classify_replies(sent, replies)
+    assert outcome.trained == [11] and outcome.failed == [12] and outcome.not_ready == {13: (3, 12)}
+    assert outcome.missed == [14, 15] and outcome.sent == [11, 12, 13, 14, 15]
+    summary = outcome.summary()
+    assert summary["clients_trained"] == 1 and summary["clients_failed"] == 4
+    assert summary["clients_missed"] == 2 and summary["clients_not_ready"] == 1
+    assert summary["hospitals_not_ready"] == [{"id": 13, "done": 3, "total": 12}]
+    json.dumps(summary)  # ids and numbers only: JSON as is
+
+
+class FakeGrid:
+    """The part of flwr's Grid that configure_* uses: the connected node ids."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+def _strategy(min_available: int, wait: float) -> FedAvg:
+    return recording_strategy(FedAvg, node_wait_seconds=wait, fraction_train=1.0, fraction_evaluate=1.0,
+                              min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=min_available)
+
+
+def test_a_round_remembers_its_hospitals_and_counts_silence_as_failure():
+    strategy = _strategy(min_available=2, wait=5)
+    messages = list(strategy.configure_train(1, ArrayRecord({"w": torch.zeros(2)}), ConfigRecord(), FakeGrid([21, 22])))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [21, 22]
+    for i, m in enumerate(messages):  # what flwr's grid does when it pushes them
+        m.metadata.__dict__["_message_id"] = f"id{i}"
+    answered = next(m for m in messages if m.metadata.dst_node_id == 21)
+    arrays, _ = strategy.aggregate_train(1, [_ok(21, answered.metadata.message_id, value=3.0)])
+    assert torch.equal(arrays.to_torch_state_dict()["w"], torch.full((2,), 3.0))
+    summary = strategy.train_summary[1]
+    assert summary["hospitals_trained"] == [21] and summary["hospitals_missed"] == [22]
+    assert summary["clients_trained"] == 1 and summary["clients_failed"] == 1
+
+
+def test_the_wait_for_hospitals_is_bounded():
+    strategy = _strategy(min_available=3, wait=0.3)
+    started = time.monotonic()
+    with pytest.raises(NotEnoughHospitals, match="2 hospital\\(s\\) connected .* 3 required"):
+        strategy.configure_train(2, ArrayRecord({"w": torch.zeros(2)}), ConfigRecord(), FakeGrid([1, 2]))
+    assert time.monotonic() - started < 5
+    assert strategy.min_available_nodes == 3  # restored after the round's sampling
+
+
+def test_run_directory_records_seconds_per_round_and_hospital_ids(tiny_config):
+    from server.run_directory import RunDirectory
+
+    cfg, _ = tiny_config
+    run = RunDirectory.create(cfg, run_id=3)
+    state = {"w": torch.ones(2)}
+    run.record_round(0, {"dice": 0.1}, {}, {}, state)
+    time.sleep(0.3)
+    train = {"clients_trained": 1, "clients_failed": 1, "clients_missed": 1, "hospitals_trained": [5],
+             "hospitals_failed": [], "hospitals_missed": [9], "hospitals_not_ready": []}
+    run.record_round(1, {"dice": 0.2}, train, {}, state)
+    time.sleep(0.3)
+    run.record_round(2, {"dice": 0.3}, train, {}, state)
+    rounds = json.loads((run.path / "metrics.json").read_text())["rounds"]
+    assert rounds[1]["hospitals_missed"] == [9] and rounds[1]["clients_failed"] == 1
+    assert 0.25 <= rounds[2]["seconds"] < rounds[2]["seconds_total"]  # this round alone, and since the start
+    assert rounds[2]["seconds_total"] >= rounds[1]["seconds_total"] + 0.25
+    header, row1 = (run.path / "metrics.csv").read_text().splitlines()[:3:2]
+    assert header.startswith("round,global_dice") and "seconds_total" in header and "hospitals_missed" in header
+    assert row1.split(",")[header.split(",").index("hospitals_missed")] == "9"
+
+
+def test_the_firewalls_not_ready_text_is_what_the_server_reads():
+    from privacy_firewall.watch import FirewallNotReady, FirewallStatus
+    from server.strategy import NOT_READY_PATTERN
+
+    error = FirewallNotReady(FirewallStatus("working", done=3, total=12))
+    reason = str(type(error)) + ":<'" + str(error) + "'>"  # how flwr 1.42 forwards a ClientApp's exception
+    outcome = classify_replies({"m": 7}, [_error(7, "m", 2, reason)])
+    assert NOT_READY_PATTERN.search(reason) and outcome.not_ready == {7: (3, 12)} and outcome.failed == []
+
+
+def test_a_hospital_that_comes_back_is_sent_the_next_round():
+    strategy = _strategy(min_available=1, wait=1)
+    grid = FakeGrid([31])  # hospital 32 is down in round 1
+    arrays = ArrayRecord({"w": torch.zeros(2)})
+    assert [m.metadata.dst_node_id for m in strategy.configure_train(1, arrays, ConfigRecord(), grid)] == [31]
+    grid.nodes = [31, 32]  # ... and back for round 2
+    assert sorted(m.metadata.dst_node_id for m in strategy.configure_train(2, arrays, ConfigRecord(), grid)) == [31, 32]
