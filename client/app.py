@@ -33,11 +33,11 @@ from client.hospital import (
     training_seed,
 )
 from models import segmentation
-from server.differential_privacy import client_mods
+from server.differential_privacy import dp_train_mod, without_step_counters
 from skinfed.config import RunConfig, load_flower_run_config
 from skinfed.data import simulation_hospitals
 
-app = ClientApp(mods=client_mods())
+app = ClientApp()
 log = logging.getLogger("skinfed.client")
 
 
@@ -89,7 +89,7 @@ def prepare(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord(counts)}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[dp_train_mod])  # Flower's clipping mod when the server runs DP (federation.dp)
 @reply_privately
 def train(msg: Message, context: Context) -> Message:
     cfg = load_flower_run_config(context.run_config)
@@ -98,7 +98,7 @@ def train(msg: Message, context: Context) -> Message:
         raise NoUsableImages(f"no de-identified images to train on ({hospital.refused} refused by the firewall)")
 
     model = segmentation.build_model(cfg.model)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=False)  # no step counters
     server_round = int(msg.content["config"].get("server-round", 0))
     result = segmentation.train(
         model, hospital.train, cfg.model, device=device_for(cfg),
@@ -111,7 +111,8 @@ def train(msg: Message, context: Context) -> Message:
         "firewall_accepted": hospital.accepted,
         "firewall_refused": hospital.refused,
     })
-    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
+    arrays = ArrayRecord(without_step_counters(model.state_dict()))
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()
@@ -124,7 +125,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         raise NoUsableImages("no de-identified images to evaluate on")
 
     model = segmentation.build_model(cfg.model)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=False)
     scores = segmentation.evaluate(model, [p.surrogate for p in pairs], [p.mask for p in pairs], device=device_for(cfg))
     metrics = MetricRecord({"dice": scores["dice"], "iou": scores["iou"], "loss": scores["loss"],
                             "num-examples": scores["num_examples"]})

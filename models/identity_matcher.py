@@ -104,6 +104,18 @@ class AugmentSettings:
     blur_probability: float = 0.3  # chance of a 3x3 Gaussian blur
     colour: float = 0.05  # max relative brightness change (per-channel gain varies by half of it)
     shift: int = 2  # max translation in pixels
+    # Generation artefacts (off by default): a translucent ghost of another image
+    # of the batch (up to ``blend_max`` opacity), as when an edit half-paints new
+    # hair over the old face, and blotchy low-frequency colour noise.
+    blend_probability: float = 0.0
+    blend_max: float = 0.35
+    blotch: float = 0.0  # max amplitude of the low-frequency colour noise
+
+    @classmethod
+    def for_generated_images(cls) -> AugmentSettings:
+        """What the gate's matcher trains with: it must still link a surrogate
+        that carries generation artefacts to its source."""
+        return cls(noise=0.04, blur_probability=0.4, colour=0.06, shift=2, blend_probability=0.5, blotch=0.08)
 
     @classmethod
     def for_masks(cls) -> AugmentSettings:
@@ -141,6 +153,13 @@ def augment(x: torch.Tensor, settings: AugmentSettings, generator: torch.Generat
         blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=c)
         pick = (uniform(b, 1, 1, 1) < settings.blur_probability).float()
         x = pick * blurred + (1 - pick) * x
+    if settings.blend_probability > 0 and b > 1:
+        other = x.roll(1, dims=0)  # another image of the batch
+        alpha = settings.blend_max * uniform(b, 1, 1, 1) * (uniform(b, 1, 1, 1) < settings.blend_probability).float()
+        x = (1 - alpha) * x + alpha * other
+    if settings.blotch > 0:
+        coarse = (2 * uniform(b, c, 4, 4) - 1) * settings.blotch * uniform(b, 1, 1, 1)
+        x = x + F.interpolate(coarse, size=x.shape[-2:], mode="bicubic", align_corners=False)
     if settings.noise > 0:
         x = x + settings.noise * uniform(b, 1, 1, 1) * torch.randn(x.shape, generator=generator)
     return x.clamp(0, 1)

@@ -357,7 +357,7 @@ def export(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     backend = EmbeddedBackend(load_flow_unet(EMBEDDED_DIR), folder=None)
     images = []
-    for i in range(256):
+    for i in range(args.ood_subjects):
         cs = render_subject(777, i, args.size)
         images += [cs.pathological, cs.healthy, cs.opposite]
     ood = calibrate_out_of_distribution(backend, images)
@@ -387,6 +387,8 @@ def main(argv: list[str] | None = None) -> None:
     flow.add_argument("--conditioning", choices=("bag_of_words", "attribute_slots"), default="attribute_slots")
     flow.add_argument("--init-from", default=None, help="warm start from this model folder (e.g. models/embedded)")
     sub.choices["classifier"].add_argument("--classifier-steps", type=int, default=1500)
+    sub.choices["export"].add_argument("--ood-subjects", type=int, default=256,
+                                       help="held-out subjects (x3 images) the out-of-distribution limit is set on")
     args = parser.parse_args(argv)
     {"flow": train_flow, "classifier": train_classifier, "export": export}[args.command](args)
 

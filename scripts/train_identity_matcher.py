@@ -149,7 +149,8 @@ def train_matcher(args: argparse.Namespace) -> dict:
     weights = [2.0, 1.0, 1.0, 1.0, 1.0][: views.shape[1]]
     config = IdentityEmbedderConfig(in_channels=3, width=args.width, embed_dim=args.embed_dim)
     settings = TrainSettings(steps=args.steps, batch_size=args.batch, learning_rate=args.lr, seed=args.seed)
-    model, record = train_embedder(views, config, settings, AugmentSettings(), view_weights=weights,
+    augmentation = AugmentSettings.for_generated_images() if args.artefacts else AugmentSettings()
+    model, record = train_embedder(views, config, settings, augmentation, view_weights=weights,
                                    description="train identity matcher")
     scored = score_matcher(model, held_out)
     genuine_all = np.concatenate(list(scored["genuine"].values()))
@@ -158,7 +159,7 @@ def train_matcher(args: argparse.Namespace) -> dict:
     full = scored["full_face"]
     metrics = {
         "train_seed": TRAIN_CLINIC_SEED, "held_out_seed": HELD_OUT_SEED, "train_subjects": args.pool,
-        "held_out_subjects": args.held_out, "sex_invariant": args.sex_invariant,
+        "held_out_subjects": args.held_out, "sex_invariant": args.sex_invariant, "artefacts": args.artefacts,
         "train_seconds": record["seconds"], "train_steps": record["steps"], "final_loss": record["final_loss"],
         "threshold": round(t, 4), "false_match_rate": round(calibration.false_match_rate, 4),
         "true_match_rate": {k: round(float(np.mean(v < t)), 4) for k, v in scored["genuine"].items()},
@@ -288,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     matcher.add_argument("--width", type=int, default=16)
     matcher.add_argument("--embed-dim", type=int, default=64)
     matcher.add_argument("--fmr", type=float, default=0.01, help="false-match rate the threshold is set at")
+    matcher.add_argument("--artefacts", action=argparse.BooleanOptionalAction, default=True,
+                         help="augment with generation artefacts: ghosted overlays, blotchy colour (default: yes)")
     matcher.add_argument("--sex-invariant", action=argparse.BooleanOptionalAction, default=True,
                          help="opposite-sex renders count as the same identity (default: yes)")
     judge = sub.choices["judge"]

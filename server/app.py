@@ -22,7 +22,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid, ServerApp
 
 from models import segmentation
-from server.differential_privacy import wrap_with_differential_privacy
+from server.differential_privacy import (
+    DpSettings,
+    PrivacyLedger,
+    clamp_running_variances,
+    dp_train_config,
+    without_step_counters,
+    wrap_strategy,
+)
 from server.run_directory import RunDirectory
 from server.strategy import make_strategy
 from skinfed.config import RunConfig, load_flower_run_config
@@ -44,22 +51,29 @@ def main(grid: Grid, context: Context) -> None:
     prepare_hospitals(grid, hospitals, cfg)
 
     model = segmentation.build_model(cfg.model)
-    start = run.checkpoint_state() or model.state_dict()
+    # Integer step counters (BatchNorm's) are not averaged, clipped or noised.
+    start = without_step_counters(run.checkpoint_state() or model.state_dict())
     images, masks = holdout_set(cfg)
     device = "cuda" if cfg.federation.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     strategy = make_strategy(cfg, cfg.federation.required_hospitals(len(hospitals)))
-    private = wrap_with_differential_privacy(strategy, cfg.federation.dp, num_sampled_clients=len(hospitals))
+    dp = dp_settings(cfg, len(hospitals))
+    ledger = PrivacyLedger(dp) if dp.enabled and dp.noise_multiplier > 0 else None
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Score the global model on original identities, then checkpoint the round."""
         if server_round == 0 and run.offset:
             return None  # the resumed model was scored when it was saved
-        model.load_state_dict(arrays.to_torch_state_dict())
+        state = arrays.to_torch_state_dict()
+        clamp_running_variances(state)  # DP noise can make a running variance negative
+        model.load_state_dict(state, strict=False)
         scores = segmentation.evaluate(model, images, masks, device=device) if images else {}
         done = run.offset + server_round
-        extra = private.round_privacy(server_round) if server_round else {}
+        train = dict(strategy.train_summary.get(server_round, {}))
+        if ledger is not None and server_round:
+            train.update({"dp_epsilon": ledger.record_round(int(train.get("clients_trained") or 0) or None),
+                          "dp_delta": dp.delta})
         record = run.record_round(
-            done, scores, {**strategy.train_summary.get(server_round, {}), **extra},
+            done, scores, train,
             strategy.evaluate_summary.get(server_round, {}),
             {k: v.detach().cpu() for k, v in model.state_dict().items()},
         )
@@ -67,20 +81,34 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({k: float(scores[k]) for k in ("dice", "iou", "loss")}) if scores else None
 
     if rounds_left > 0:
-        result = private.strategy.start(
+        result = wrap_strategy(strategy, dp).start(
             grid=grid,
             initial_arrays=ArrayRecord(start),
             num_rounds=rounds_left,
             timeout=cfg.federation.round_timeout,
-            train_config=ConfigRecord({"local-epochs": cfg.model.local_epochs}),
+            train_config=ConfigRecord({"local-epochs": cfg.model.local_epochs, **dp_train_config(dp)}),
             evaluate_fn=evaluate_global,
         )
         final = result.arrays.to_torch_state_dict() if len(result.arrays) else start
     else:
         final = start
+    model.load_state_dict(final, strict=False)
+    final = model.state_dict()
+    if ledger is not None:
+        say(f"differential privacy: epsilon {ledger.epsilon:.2f} at delta {dp.delta:g} after {ledger.rounds} rounds "
+            f"({dp.mode}, noise multiplier {dp.noise_multiplier})")
     run.finish(final, cfg)
     say(f"done: {len(run.rounds) - 1} rounds; results in {run.path}")
     say(f"  metrics: {run.path / 'metrics.json'}  curve: {run.path / 'convergence.png'}")
+
+
+def dp_settings(cfg: RunConfig, hospitals: int) -> DpSettings:
+    """Flower's DP settings for ``federation.dp`` with every connected hospital
+    sampled each round. Adaptive clipping's noise on the clipped count must exceed
+    half the noise multiplier (Flower's check): it is set equal to it."""
+    dp = cfg.federation.dp
+    extra = {"clipped_count_stddev": max(dp.noise_multiplier, hospitals / 20)} if dp.mode.endswith("adaptive") else {}
+    return DpSettings.from_config(dp, num_sampled_clients=hospitals, population_size=hospitals, **extra)
 
 
 def wait_for_hospitals(grid: Grid, cfg: RunConfig) -> list[int]:

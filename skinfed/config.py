@@ -84,13 +84,14 @@ class ClientResources:
 class DifferentialPrivacySettings:
     """Flower's differential privacy around the strategy (``federation.dp``)."""
 
-    mode: str  # off | client-fixed | client-adaptive
+    mode: str  # off | client-fixed | client-adaptive | server-fixed | server-adaptive
     noise_multiplier: float
     clipping_norm: float  # initial norm for adaptive clipping
     delta: float  # of the (epsilon, delta) reported per round
 
     def __post_init__(self) -> None:
-        _choice("federation.dp.mode", self.mode, ("off", "client-fixed", "client-adaptive"))
+        _choice("federation.dp.mode", self.mode,
+                ("off", "client-fixed", "client-adaptive", "server-fixed", "server-adaptive"))
         _positive("federation.dp.noise_multiplier", self.noise_multiplier, allow_zero=True)
         _positive("federation.dp.clipping_norm", self.clipping_norm)
         if not 0 < self.delta < 1:

@@ -406,6 +406,12 @@ def run_check(root: Path, *, keep: bool = False) -> dict:
         listed = json.loads(flwr("supernode", "list", "skinfed", "--format", "json").stdout)["nodes"]
         result["checks"]["supernodes_after"] = {n["node-id"]: n["status"] for n in listed}
         result["ok"] = True
+    except BaseException:
+        # Every service's log, kept beside the scratch folder's other files for a look afterwards.
+        logs = stack.run("logs", "--no-color", "--tail", "200", timeout=120, check=False)
+        (root / "compose-logs.txt").write_text(logs.stdout + logs.stderr)
+        say(f"failed: the services' logs are in {root / 'compose-logs.txt'}")
+        raise
     finally:
         if keep:
             say(f"--keep: the stack and {root} are left running (`python -m tests.test_docker_stack --down` removes it)")

@@ -94,6 +94,13 @@ def test_augment_keeps_range_and_shape():
     y = augment(x, AugmentSettings(), g)
     assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1 and not torch.equal(x, y)
     assert torch.equal(augment(x, AugmentSettings.none(), g), x)
+    # Generation artefacts: a ghost of another image of the batch, blotchy colour.
+    ghost = AugmentSettings(noise=0, blur_probability=0, colour=0, shift=0, blend_probability=1.0, blend_max=0.3)
+    z = augment(x, ghost, g)
+    assert z.shape == x.shape and not torch.equal(z, x)
+    assert (z - x).abs().max() <= 0.3 + 1e-6
+    y = augment(x, AugmentSettings.for_generated_images(), g)
+    assert y.min() >= 0 and y.max() <= 1
 
 
 def test_shipped_classifier_still_loads_with_its_four_heads():

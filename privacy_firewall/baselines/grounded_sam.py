@@ -106,12 +106,13 @@ class GroundedSam:
     def from_pretrained(cls, detector_path: str | os.PathLike[str], sam_path: str | os.PathLike[str],
                         settings: GroundedSamSettings | None = None) -> GroundedSam:
         """Both models from local files only (ModelNotFoundError says how to get them)."""
-        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor, SamModel, SamProcessor
-
         from privacy_firewall.backends.loading import ModelNotFoundError, offline_mode
 
+        # Missing weights fail here, before transformers is imported.
         detector_dir = resolve_local_model(detector_path, "Grounding DINO", DEFAULT_DETECTOR)
         sam_dir = resolve_local_model(sam_path, "SAM", DEFAULT_SAM)
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor, SamModel, SamProcessor
+
         try:
             with offline_mode():
                 detector = AutoModelForZeroShotObjectDetection.from_pretrained(detector_dir, local_files_only=True)

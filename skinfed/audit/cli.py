@@ -159,16 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     torch.set_num_threads(max(1, int(os.environ.get("SKINFED_THREADS", os.cpu_count() or 1))))
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     settings = AuditSettings(
         inversion=InversionBudget(iterations=args.iterations, tv_weight=args.tv_weight, start=args.start),
         inversion_patients=args.inversion_patients,
     )
     inputs = prepare_inputs(args.overrides, args.gallery, args.checkpoint, settings)
-    prepared = time.perf_counter() - start
+    prepared, prepared_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     result = run_audit(inputs.data, inputs.models, inputs.settings, epsilon_fn=inputs.epsilon_fn)
     result.report["seconds"] = {"prepare (firewall, models)": round(prepared, 2), **result.report["seconds"]}
+    result.report["cpu_seconds"] = {"prepare (firewall, models)": round(prepared_cpu, 2), **result.report["cpu_seconds"]}
     result.report["summary"]["seconds"] = round(time.perf_counter() - start, 1)
+    result.report["summary"]["cpu_seconds"] = round(time.process_time() - cpu_start, 1)
     result.report["summary"]["threads"] = torch.get_num_threads()
 
     out = Path(args.out) if args.out else _default_out(args.overrides)
