@@ -350,7 +350,8 @@ class PrivacyFirewall:
                 nfe_before = self.backend.nfe
                 x = self.backend.encode_images(to_tensor_batch([p.pixels for p in prepared]).to(self.backend.device))
                 if self.draws_from_map:
-                    surrogate, healthy, original_healthy = self._draw_from_erythema_map(x, plans, digests, attempt, image_size)
+                    surrogate, healthy, original_healthy = self._draw_from_erythema_map(x, plans, sexes, digests, attempt,
+                                                                                       image_size)
                 else:
                     edit = flowedit(self.backend, x, [p[0] for p in plans], [p[1] for p in plans], self.settings.flowedit,
                                     [self.noise_seed(d, attempt) for d in digests], image_size=image_size)
@@ -389,8 +390,8 @@ class PrivacyFirewall:
             out.append(res)
         return out
 
-    def _draw_from_erythema_map(self, x: torch.Tensor, plans: list, digests: list[str], attempt: int,
-                                image_size: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _draw_from_erythema_map(self, x: torch.Tensor, plans: list, sexes: list[str], digests: list[str],
+                                attempt: int, image_size: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Steps 2-3 for a backend that takes an erythema map: the patient's healthy
         twin by FlowEdit and M_orig from it; the new identity drawn from noise with
         M_orig as its erythema map (the surrogate); then the surrogate's own healthy
@@ -398,7 +399,9 @@ class PrivacyFirewall:
         twin keeps the surrogate's identity and loses only the erythema."""
         settings = self.settings.flowedit
         noise = [self.noise_seed(d, attempt) for d in digests]
-        own = flowedit(self.backend, x, [p[0] for p in plans], [[p[1][2]] for p in plans], settings, noise,
+        original_healthy_prompts = [[self.settings.prompts.original_healthy.format(sex=s, target_sex=p[2], identity="")]
+                                    for s, p in zip(sexes, plans)]
+        own = flowedit(self.backend, x, [p[0] for p in plans], original_healthy_prompts, settings, noise,
                        image_size=image_size)
         original_healthy = own.latents[:, 0]
         m = self.settings.mask

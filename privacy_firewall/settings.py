@@ -112,7 +112,8 @@ class IdentitySettings:
     mode: str
     # Backends that take an erythema map (the embedded model, version 2) draw the
     # new identity from noise with the patient's erythema map, so nothing of the
-    # photo but its erythema reaches the surrogate.
+    # photo but its erythema reaches the surrogate (the patient's own healthy twin
+    # is then always made: the map is its difference to the photo).
     use_erythema_map: bool
     # Threshold (a* units) of the patient's own differential mask M_orig that
     # becomes the erythema map.
@@ -190,11 +191,6 @@ class FirewallSettings:
         _choice("firewall.source_sex", self.source_sex, ("auto", "woman", "man", "person"))
         _choice("firewall.fallback_target_sex", self.fallback_target_sex, ("woman", "man"))
         _positive("firewall.batch_size", self.batch_size)
-        if self.identity.mode == "new_identity" and self.identity.use_erythema_map and not self.original_healthy_twin:
-            raise ConfigError(
-                "firewall.identity.use_erythema_map=true needs firewall.original_healthy_twin=true: "
-                "the erythema map is the patient's own differential mask"
-            )
 
     def to_dict(self) -> dict[str, Any]:
         return OmegaConf.to_container(OmegaConf.structured(self), resolve=True)  # type: ignore[return-value]

@@ -61,7 +61,7 @@ def check_relations(r: dict, k_configured: int, **settings) -> None:
     "extra, settings",
     [
         ([], {"n_max": 4}),  # cfg, n_min = 0: pair (2 + 2k) n_max = 6 n_max vs separate 4k n_max = 8 n_max
-        (["firewall.flowedit.n_min=1", "firewall.n_avg=2", "firewall.flowedit.guidance_mode=mixed"],
+        (["firewall.flowedit.n_min=1", "firewall.flowedit.n_avg=2", "firewall.flowedit.guidance_mode=mixed"],
          {"n_max": 4, "n_min": 1, "n_avg": 2, "mode": "mixed"}),
     ],
     ids=["cfg", "mixed-nmin-navg"],

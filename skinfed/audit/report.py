@@ -1,6 +1,7 @@
 """The audit's outputs: ``audit.json`` (everything) and ``audit.png`` (what the
 attacker got back: patient, surrogate, reconstructions; and the linkage ranking
-of the first patients under the strongest attack on the firewall's updates)."""
+of the first patients under the headline attack on the firewall's updates:
+the FedAvg update against replays of the local training with the attacker's seed)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from models.io import atomic_write_bytes, atomic_write_json
 
-RANKING_ATTACK = "fedavg_replay_seed_known"
+RANKING_ATTACK = "fedavg_replay_seed_secret"  # the headline attack: the hospital's seed is secret
 RANKED_PATIENTS = 6
 RANKED_CANDIDATES = 5
 
@@ -88,7 +89,7 @@ def figure_png(report: dict, images: dict[str, np.ndarray], gallery: list[np.nda
             show(axes[r, c], gallery[j], f"rank {c - 1}: cos {scores[i, j]:.2f}",
                  colour="limegreen" if j == i else None)
     top1 = report["linkage"][RANKING_ATTACK]["firewall"]["top1"]
-    fig.suptitle(f"Linkage of surrogate updates by replay (green = the patient): top-1 {top1:.2f}, "
+    fig.suptitle(f"Linkage of surrogate updates, attacker replays local training (green = the patient): top-1 {top1:.2f}, "
                  f"chance {report['linkage'][RANKING_ATTACK]['firewall']['chance_top1']:.2f}", fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()

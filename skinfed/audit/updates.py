@@ -39,6 +39,14 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def as_training_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch as the hospital's training loop feeds it: one image is doubled
+    with its mirror image when the model has BatchNorm (models/segmentation.py)."""
+    if x.shape[0] == 1 and has_batchnorm(model):
+        return torch.cat([x, x.flip(-1)]), torch.cat([y, y.flip(-1)])
+    return x, y
+
+
 def forward_from_current_state(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``model(x)`` in train mode on a private copy of the buffers: BatchNorm's
     running statistics stay as they were (an attacker probing many candidates
@@ -59,8 +67,7 @@ def fedsgd_gradient(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: to
     batch's statistics) and a batch of one image is doubled with its mirror image
     when the model has BatchNorm. The model's running statistics are left as
     they were. ``create_graph`` keeps the graph for gradient-matching attacks."""
-    if x.shape[0] == 1 and has_batchnorm(model):
-        x, y = torch.cat([x, x.flip(-1)]), torch.cat([y, y.flip(-1)])
+    x, y = as_training_batch(model, x, y)
     params = dict(model.named_parameters())
     loss = loss_fn(forward_from_current_state(model, x), y)
     grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph)
@@ -71,8 +78,7 @@ def used_parameters(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: to
     """Names of the parameters that receive a gradient (a U-Net of encoder depth 4
     never runs the backbone's last stage: its weights never change)."""
     params = list(model.named_parameters())
-    if x.shape[0] == 1 and has_batchnorm(model):
-        x, y = torch.cat([x, x.flip(-1)]), torch.cat([y, y.flip(-1)])
+    x, y = as_training_batch(model, x, y)
     loss = loss_fn(forward_from_current_state(model, x), y)
     grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
     return [name for (name, _), g in zip(params, grads) if g is not None]
