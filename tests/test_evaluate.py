@@ -14,7 +14,7 @@ KEYS = ("n_subjects", "target_sex_rate", "erythema_kept_rate", "erythema_removed
 def test_evaluate_reports_every_metric_and_writes_panels(tmp_path, tiny_embedded_dir, capsys, monkeypatch):
     monkeypatch.setenv("SKINFED_HOME", str(tmp_path / "home"))
     out = tmp_path / "eval"
-    code = main(["evaluate", "--n", "4", "--panels", "2", "--out", str(out), f"firewall.backend.model_path={tiny_embedded_dir}",
+    code = main(["evaluate", "--n", "4", "--panels", "2", "--no-attacks", "--out", str(out), f"firewall.backend.model_path={tiny_embedded_dir}",
                  *[o for o in TINY_OVERRIDES if o.startswith("firewall.")]])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
