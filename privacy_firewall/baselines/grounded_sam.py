@@ -24,6 +24,7 @@ path for tests, never for masks.
 
 from __future__ import annotations
 
+import inspect
 import os
 import string
 from dataclasses import dataclass
@@ -142,10 +143,11 @@ class GroundedSam:
         height, width = rgb.shape[:2]
         inputs = self.detector_processor(images=rgb, text=s.prompt, return_tensors="pt").to(self.device)
         outputs = self.detector(**inputs)
-        found = self.detector_processor.post_process_grounded_object_detection(
-            outputs, inputs["input_ids"], threshold=s.box_threshold, text_threshold=s.text_threshold,
-            target_sizes=[(height, width)],
-        )[0]
+        post_process = self.detector_processor.post_process_grounded_object_detection
+        # transformers < 4.51 calls the box score threshold ``box_threshold``.
+        box_key = "threshold" if "threshold" in inspect.signature(post_process).parameters else "box_threshold"
+        found = post_process(outputs, inputs["input_ids"], text_threshold=s.text_threshold,
+                             target_sizes=[(height, width)], **{box_key: s.box_threshold})[0]
         boxes = found["boxes"].float().cpu().numpy().reshape(-1, 4)
         scores = found["scores"].float().cpu().numpy().reshape(-1)
         boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
