@@ -34,9 +34,10 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 log = logging.getLogger("skinfed.server")
 
-#: What a ClientApp whose firewall has not finished raises (client/app.py); the
-#: server reads the two counts, nothing else of the reason.
-NOT_READY_PATTERN = re.compile(r"not ready: (\d+) of (\d+) photos done")
+#: What a ClientApp whose firewall has not finished raises (client/app.py): "not
+#: ready: N of M photos done", or "not ready: ..." without counts. The server reads
+#: the marker and the two counts, nothing else of the reason.
+NOT_READY_PATTERN = re.compile(r"not ready: (?:(\d+) of (\d+) photos done)?")
 #: flwr's error codes for replies that the SuperLink made because none came
 #: (flwr.common.constant.ErrorCode): message expired, reply expired, node gone.
 NO_REPLY_CODES = frozenset({3, 4, 5})
@@ -55,7 +56,7 @@ class RoundOutcome:
     sent: list[int] = field(default_factory=list)
     trained: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)  # the ClientApp raised
-    not_ready: dict[int, tuple[int, int]] = field(default_factory=dict)  # node -> (photos done, photos total)
+    not_ready: dict[int, tuple[int | None, int | None]] = field(default_factory=dict)  # node -> (done, total)
     missed: list[int] = field(default_factory=list)  # no reply at all
 
     def summary(self) -> dict:
@@ -93,7 +94,8 @@ def classify_replies(sent: dict[str, int], replies: list[Message]) -> RoundOutco
         if int(error.code) in NO_REPLY_CODES:
             out.missed.append(node)
         elif not_ready:
-            out.not_ready[node] = (int(not_ready[1]), int(not_ready[2]))
+            counts = not_ready.groups()
+            out.not_ready[node] = (None, None) if counts[0] is None else (int(counts[0]), int(counts[1]))
         else:
             out.failed.append(node)
     out.missed += [node for node in out.sent if node not in answered]
@@ -181,7 +183,7 @@ def recording_strategy(base: type[FedAvg], *, node_wait_seconds: float, **kwargs
                 log.warning(
                     "round %d: %d of %d hospital(s) left out of the average: failed %s, not ready %s, no reply %s",
                     server_round, summary["clients_failed"], len(outcome.sent), outcome.failed or "-",
-                    {n: f"{d} of {t} photos done" for n, (d, t) in outcome.not_ready.items()} or "-",
+                    {n: "?" if d is None else f"{d} of {t} photos done" for n, (d, t) in outcome.not_ready.items()} or "-",
                     outcome.missed or "-")
             return arrays, metrics
 

@@ -128,6 +128,10 @@ def test_the_firewalls_not_ready_text_is_what_the_server_reads():
     reason = str(type(error)) + ":<'" + str(error) + "'>"  # how flwr 1.42 forwards a ClientApp's exception
     outcome = classify_replies({"m": 7}, [_error(7, "m", 2, reason)])
     assert NOT_READY_PATTERN.search(reason) and outcome.not_ready == {7: (3, 12)} and outcome.failed == []
+    # Without counts (the firewall never ran): still not ready, not failed.
+    outcome = classify_replies({"m": 7}, [_error(7, "m", 2, "<class 'X'>:<'not ready: the firewall has not run'>")])
+    assert outcome.not_ready == {7: (None, None)} and outcome.failed == []
+    assert outcome.summary()["hospitals_not_ready"] == [{"id": 7, "done": None, "total": None}]
 
 
 def test_a_hospital_that_comes_back_is_sent_the_next_round():
