@@ -33,9 +33,9 @@ from client.hospital import (
     training_seed,
 )
 from models import segmentation
-from server.differential_privacy import dp_train_mod, without_step_counters
 from skinfed.config import RunConfig, load_flower_run_config
 from skinfed.data import simulation_hospitals
+from skinfed.differential_privacy import dp_train_mod, without_step_counters
 
 app = ClientApp()
 log = logging.getLogger("skinfed.client")

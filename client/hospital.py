@@ -28,13 +28,10 @@ import numpy as np
 
 from privacy_firewall.secret_key import derive_seed, load_or_create_key
 from privacy_firewall.training_data import DeidentifiedPair, load_deidentified, relabel
+from privacy_firewall.watch import MISSING, FirewallNotReady, FirewallStatus, read_status, snapshot_dir
 from skinfed.config import RunConfig
 
 log = logging.getLogger(__name__)
-
-
-class FirewallNotReady(RuntimeError):
-    """The hospital's firewall has not finished: it sits this round out."""
 
 
 @dataclass
@@ -88,19 +85,17 @@ def load_hospital(cfg: RunConfig, data_dir: str | Path, work_dir: str | Path | N
     """The de-identified pairs the firewall made for this hospital (simulation)."""
     node = node_dir(cfg, data_dir, work_dir)
     output = node / "firewall"
-    if not (output / "report.json").is_file():
-        raise FirewallNotReady("not ready: the firewall has not run on this hospital's photos yet")
+    if not (output / "report.json").is_file():  # the server's prepare message never reached this hospital
+        raise FirewallNotReady(FirewallStatus(MISSING, message="the firewall has not run on this hospital's photos"))
     return _split(cfg, output, data_dir)
 
 
 def load_published(cfg: RunConfig, published_dir: str | Path) -> HospitalData:
     """The newest snapshot the firewall service published (deployment)."""
-    from privacy_firewall.watch import read_status, snapshot_dir
-
     status = read_status(published_dir)
     snapshot = snapshot_dir(published_dir, status)
     if snapshot is None:
-        raise FirewallNotReady(f"not ready: {status.done} of {status.total} photos done")
+        raise FirewallNotReady(status)
     return _split(cfg, snapshot, None)
 
 

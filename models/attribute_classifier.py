@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.flow_unet import ATTRIBUTE_SLOTS
+
 #: head name -> class labels
 HEADS: dict[str, tuple[str, ...]] = {
     "sex": ("female", "male"),
@@ -37,22 +39,7 @@ HEADS: dict[str, tuple[str, ...]] = {
 #: model's attribute-slot captions bin it (scripts/train_embedded.py subject_slots).
 JUDGE_HEADS: dict[str, tuple[str, ...]] = {
     **HEADS,
-    "hair_colour": ("black hair", "brown hair", "blond hair", "red hair", "gray hair"),
-    "hair_length": ("short hair", "long hair"),
-    "beard": ("clean-shaven", "beard"),
-    "ears": ("small ears", "large ears"),
-    "brows": ("thin brows", "thick brows"),
-    "eyes": ("brown eyes", "blue eyes", "green eyes", "hazel eyes"),
-    "eye_size": ("small eyes", "large eyes"),
-    "eye_spacing": ("close-set eyes", "mid-set eyes", "wide-set eyes"),
-    "face": ("narrow face", "medium face", "wide face"),
-    "jaw": ("round jaw", "square jaw"),
-    "hairline": ("low hairline", "middle hairline", "high hairline"),
-    "lips": ("pale lips", "red lips"),
-    "background": ("dark background", "blue background", "green background", "cyan background",
-                   "red background", "purple background", "yellow background", "light background"),
-    "earrings": ("no earrings", "gold earrings", "red earrings"),
-    "piercing": ("no piercing", "nose piercing", "brow piercing"),
+    **{name: phrases for name, phrases in ATTRIBUTE_SLOTS.items() if name not in ("sex", "state", "skin", "view")},
 }
 
 #: Tercile edges of the clinic's sampling ranges (the same bins as the captions').

@@ -183,6 +183,7 @@ class PrivacyFirewall:
         self.settings = settings
         self.backend = backend or load_backend(settings.backend)
         self._key = key
+        self._fingerprint: str | None = None
         self.cache = cache if cache is not None else (FirewallCache(settings.cache_dir) if use_cache else None)
         self.working_size = settings.backend.working_size or self.backend.native_size
         self.gate = IdentityGate(settings.gate, choose_matcher(settings.gate, self.backend))
@@ -200,16 +201,23 @@ class PrivacyFirewall:
     # -- what changes the output ------------------------------------------------------
     def fingerprint(self) -> dict:
         """Every setting that changes the firewall's pixels (the cache key's config part).
-        The key itself is not in it: it keys the HMAC."""
+        The key itself is not in it: it keys the HMAC. Computed once: the settings
+        do not change in a firewall's life, and every photo's cache key needs it."""
+        if self._fingerprint is None:
+            self._fingerprint = json.dumps(self._describe_settings(), sort_keys=True)
+        return json.loads(self._fingerprint)
+
+    def _describe_settings(self) -> dict:
         s = self.settings
+        d = s.to_dict()
         return {
             "backend": self.backend.name,
             "model": self.backend.fingerprint or s.backend.model_path,
             "dtype": s.backend.dtype,
             "working_size": self.working_size,
-            "flowedit": s.to_dict()["flowedit"],
-            "prompts": s.to_dict()["prompts"],
-            "identity": s.to_dict()["identity"],
+            "flowedit": d["flowedit"],
+            "prompts": d["prompts"],
+            "identity": d["identity"],
             "gate": self.gate.description,
             "fallback_target_sex": s.fallback_target_sex,
             "original_healthy_twin": s.original_healthy_twin,
@@ -217,8 +225,8 @@ class PrivacyFirewall:
         }
 
     def cache_key(self, digest: str, source_sex: str) -> str:
-        blob = json.dumps({"sex": source_sex, "config": self.fingerprint()}, sort_keys=True)
-        return keyed_digest(self.key, "cache", digest, blob).hex()
+        self.fingerprint()
+        return keyed_digest(self.key, "cache", digest, source_sex, self._fingerprint).hex()
 
     def noise_seed(self, digest: str, attempt: int) -> int:
         """The edit's noise: secret, per photo and per gate attempt."""

@@ -27,12 +27,12 @@ class ConfigError(ValueError):
     """A configuration key or value that cannot be used, with what to do instead."""
 
 
-def _choice(name: str, value: Any, allowed: tuple) -> None:
+def check_choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, allowed))}")
 
 
-def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
@@ -54,13 +54,13 @@ class BackendSettings:
     max_sequence_length: int  # text tokens for the T5 encoder (SD3/FLUX)
 
     def __post_init__(self) -> None:
-        _choice("firewall.backend.name", self.name, ("embedded", "sd3", "flux"))
-        _choice("firewall.backend.dtype", self.dtype, ("fp32", "fp16", "bf16"))
+        check_choice("firewall.backend.name", self.name, ("embedded", "sd3", "flux"))
+        check_choice("firewall.backend.dtype", self.dtype, ("fp32", "fp16", "bf16"))
         if self.name == "flux" and self.drop_t5:
             raise ConfigError("firewall.backend.drop_t5=true is only possible with sd3: FLUX needs its T5 encoder")
         if self.working_size is not None:
-            _positive("firewall.backend.working_size", self.working_size)
-        _positive("firewall.backend.max_sequence_length", self.max_sequence_length)
+            check_positive("firewall.backend.working_size", self.working_size)
+        check_positive("firewall.backend.max_sequence_length", self.max_sequence_length)
 
 
 @dataclass
@@ -80,14 +80,14 @@ class FlowEditSettings:
     mixed_source_guidance: float  # gamma_src of eq. 1, mixed mode only
 
     def __post_init__(self) -> None:
-        _positive("firewall.flowedit.steps", self.steps)
+        check_positive("firewall.flowedit.steps", self.steps)
         if not 0 <= self.n_min <= self.n_max <= self.steps:
             raise ConfigError(
                 f"need 0 <= firewall.flowedit.n_min ({self.n_min}) <= firewall.flowedit.n_max ({self.n_max}) "
                 f"<= firewall.flowedit.steps ({self.steps})"
             )
-        _positive("firewall.flowedit.n_avg", self.n_avg)
-        _choice("firewall.flowedit.guidance_mode", self.guidance_mode, ("cfg", "mixed"))
+        check_positive("firewall.flowedit.n_avg", self.n_avg)
+        check_choice("firewall.flowedit.guidance_mode", self.guidance_mode, ("cfg", "mixed"))
 
 
 @dataclass
@@ -123,8 +123,8 @@ class IdentitySettings:
     attempts: int
 
     def __post_init__(self) -> None:
-        _choice("firewall.identity.mode", self.mode, ("new_identity", "opposite_sex"))
-        _positive("firewall.identity.attempts", self.attempts)
+        check_choice("firewall.identity.mode", self.mode, ("new_identity", "opposite_sex"))
+        check_positive("firewall.identity.attempts", self.attempts)
 
 
 @dataclass
@@ -142,7 +142,7 @@ class GateSettings:
     out_of_distribution_check: bool
 
     def __post_init__(self) -> None:
-        _choice("firewall.gate.matcher", self.matcher, ("auto", "none"))
+        check_choice("firewall.gate.matcher", self.matcher, ("auto", "none"))
 
 
 @dataclass
@@ -164,11 +164,11 @@ class MaskSettings:
                 raise ConfigError(
                     f"firewall.mask.threshold={self.threshold!r}: give a number (a* units) or auto"
                 ) from None
-        _positive("firewall.mask.blur_sigma", self.blur_sigma, allow_zero=True)
-        _positive("firewall.mask.open_radius", self.open_radius, allow_zero=True)
-        _positive("firewall.mask.min_component_area", self.min_component_area, allow_zero=True)
-        _positive("firewall.mask.calibration_step", self.calibration_step)
-        _positive("firewall.mask.calibration_max", self.calibration_max)
+        check_positive("firewall.mask.blur_sigma", self.blur_sigma, allow_zero=True)
+        check_positive("firewall.mask.open_radius", self.open_radius, allow_zero=True)
+        check_positive("firewall.mask.min_component_area", self.min_component_area, allow_zero=True)
+        check_positive("firewall.mask.calibration_step", self.calibration_step)
+        check_positive("firewall.mask.calibration_max", self.calibration_max)
 
 
 @dataclass
@@ -188,9 +188,9 @@ class FirewallSettings:
     key_file: str  # the hospital's secret key (created on first use, 0600)
 
     def __post_init__(self) -> None:
-        _choice("firewall.source_sex", self.source_sex, ("auto", "woman", "man", "person"))
-        _choice("firewall.fallback_target_sex", self.fallback_target_sex, ("woman", "man"))
-        _positive("firewall.batch_size", self.batch_size)
+        check_choice("firewall.source_sex", self.source_sex, ("auto", "woman", "man", "person"))
+        check_choice("firewall.fallback_target_sex", self.fallback_target_sex, ("woman", "man"))
+        check_positive("firewall.batch_size", self.batch_size)
 
     def to_dict(self) -> dict[str, Any]:
         return OmegaConf.to_container(OmegaConf.structured(self), resolve=True)  # type: ignore[return-value]

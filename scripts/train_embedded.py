@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.attribute_classifier import HEADS, AttributeClassifier, save_classifier
+from models.attribute_classifier import HEADS, AttributeClassifier, save_classifier, subject_labels
 from models.flow_unet import ATTRIBUTE_SLOTS, FlowUNet, FlowUNetConfig, load_flow_unet, save_flow_unet
 from models.io import atomic_torch_save, atomic_write_json
 from synthetic_clinic import render_subject
@@ -45,37 +45,20 @@ def attribute_phrases(s: Subject) -> list[str]:
     return phrases
 
 
-def _tercile(value: float, low: float, high: float) -> int:
-    edges = np.linspace(low, high, 4)[1:3]
-    return int(np.searchsorted(edges, value))
-
-
 def subject_slots(s: Subject) -> list[int]:
     """The version-2 caption of a clinic subject as slot values (1-based; see
-    models.flow_unet.ATTRIBUTE_SLOTS). ``state`` is left unspecified: the image
-    kind decides it."""
-    r, g, b = (int(c >= 0.55) for c in s.background)
-    value = {
+    models.flow_unet.ATTRIBUTE_SLOTS), binned exactly as the attribute judge's
+    ground truth (``models.attribute_classifier.subject_labels``). ``state`` is
+    left unspecified: the image kind decides it."""
+    labels = subject_labels(s)
+    value = {name: ATTRIBUTE_SLOTS[name].index(labels[name]) + 1 for name in ATTRIBUTE_SLOTS
+             if name in labels and name not in ("sex", "view")}
+    value.update({
         "sex": 1 if s.sex == "female" else 2,
         "state": 0,
         "skin": ("light", "medium", "dark").index(s.skin_tone_group) + 1,
-        "hair_colour": ("black", "brown", "blond", "red", "gray").index(s.hair_colour) + 1,
-        "hair_length": 2 if s.hair_length > 0.5 else 1,
-        "beard": 2 if s.beard > 0.3 else 1,
-        "ears": 2 if s.ear_group == "large" else 1,
-        "brows": 2 if s.brow_group == "thick" else 1,
-        "eyes": ("brown", "blue", "green", "hazel").index(s.iris_colour) + 1,
-        "eye_size": 2 if s.eye_size >= 1.0 else 1,
-        "eye_spacing": _tercile(s.eye_spacing, 0.30, 0.42) + 1,
-        "face": _tercile(s.face_width, 0.50, 0.672) + 1,
-        "jaw": 2 if s.jaw_squareness >= 0.5 else 1,
-        "hairline": _tercile(s.hairline, 0.0, 1.0) + 1,
-        "lips": 2 if s.lip_redness >= 0.55 else 1,
-        "background": 4 * r + 2 * g + b + 1,
-        "earrings": ("none", "gold", "red").index(s.earring) + 1,
-        "piercing": ("none", "nose", "brow").index(s.piercing) + 1,
         "view": 2 if s.view == "periocular" else 1,
-    }
+    })
     return [value[name] for name in ATTRIBUTE_SLOTS]
 
 

@@ -22,7 +22,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid, ServerApp
 
 from models import segmentation
-from server.differential_privacy import (
+from server.run_directory import RunDirectory
+from server.strategy import NotEnoughHospitals, make_strategy
+from skinfed.config import RunConfig, load_flower_run_config
+from skinfed.data import holdout_set
+from skinfed.differential_privacy import (
     DpSettings,
     PrivacyLedger,
     clamp_running_variances,
@@ -30,10 +34,6 @@ from server.differential_privacy import (
     without_step_counters,
     wrap_strategy,
 )
-from server.run_directory import RunDirectory
-from server.strategy import make_strategy
-from skinfed.config import RunConfig, load_flower_run_config
-from skinfed.data import holdout_set
 
 app = ServerApp()
 log = logging.getLogger("skinfed.server")
@@ -80,18 +80,24 @@ def main(grid: Grid, context: Context) -> None:
         say(round_line(record, cfg.federation.num_rounds))
         return MetricRecord({k: float(scores[k]) for k in ("dice", "iou", "loss")}) if scores else None
 
+    final = start
     if rounds_left > 0:
-        result = wrap_strategy(strategy, dp).start(
-            grid=grid,
-            initial_arrays=ArrayRecord(start),
-            num_rounds=rounds_left,
-            timeout=cfg.federation.round_timeout,
-            train_config=ConfigRecord({"local-epochs": cfg.model.local_epochs, **dp_train_config(dp)}),
-            evaluate_fn=evaluate_global,
-        )
-        final = result.arrays.to_torch_state_dict() if len(result.arrays) else start
-    else:
-        final = start
+        try:
+            result = wrap_strategy(strategy, dp).start(
+                grid=grid,
+                initial_arrays=ArrayRecord(start),
+                num_rounds=rounds_left,
+                timeout=cfg.federation.round_timeout,
+                train_config=ConfigRecord({"local-epochs": cfg.model.local_epochs, **dp_train_config(dp)}),
+                evaluate_fn=evaluate_global,
+            )
+            final = result.arrays.to_torch_state_dict() if len(result.arrays) else start
+        except NotEnoughHospitals as exc:
+            # The last finished round is checkpointed and the run stays unfinished,
+            # so federation.resume=latest picks it up once the hospitals are back.
+            say(f"stopped after round {len(run.rounds) - 1}: {exc}")
+            say(f"  checkpoint and metrics so far: {run.path}")
+            return
     model.load_state_dict(final, strict=False)
     final = model.state_dict()
     if ledger is not None:

@@ -20,6 +20,8 @@ from models.segmentation import SegmentationSettings
 from privacy_firewall.settings import (
     ConfigError,
     FirewallSettings,
+    check_choice,
+    check_positive,
     compose,
     firewall_settings,
     parse_overrides,
@@ -30,16 +32,6 @@ __all__ = [
     "ConfigError", "DataSettings", "DifferentialPrivacySettings", "FederationSettings", "RunConfig",
     "compose", "load_flower_run_config", "load_run_config", "load_saved_config", "parse_overrides",
 ]
-
-
-def _choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, allowed))}")
-
-
-def _positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
 @dataclass
@@ -60,16 +52,16 @@ class DataSettings:
     label_source: str
 
     def __post_init__(self) -> None:
-        _choice("data.source", self.source, ("synthetic", "folder"))
+        check_choice("data.source", self.source, ("synthetic", "folder"))
         if self.source == "folder" and not self.folder:
             raise ConfigError("data.source=folder needs data.folder=/path/to/hospital/data")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
-        _positive("data.num_subjects", self.num_subjects)
-        _positive("data.holdout_subjects", self.holdout_subjects, allow_zero=True)
+        check_positive("data.num_subjects", self.num_subjects)
+        check_positive("data.holdout_subjects", self.holdout_subjects, allow_zero=True)
         if self.image_size < 32:
             raise ConfigError(f"data.image_size={self.image_size} must be at least 32")
-        _choice("data.label_source", self.label_source, ("differential", "ground_truth", "colour_rule"))
+        check_choice("data.label_source", self.label_source, ("differential", "ground_truth", "colour_rule"))
         if self.label_source == "ground_truth" and self.source != "synthetic":
             raise ConfigError("data.label_source=ground_truth needs data.source=synthetic (real photos have no truth)")
 
@@ -90,10 +82,10 @@ class DifferentialPrivacySettings:
     delta: float  # of the (epsilon, delta) reported per round
 
     def __post_init__(self) -> None:
-        _choice("federation.dp.mode", self.mode,
+        check_choice("federation.dp.mode", self.mode,
                 ("off", "client-fixed", "client-adaptive", "server-fixed", "server-adaptive"))
-        _positive("federation.dp.noise_multiplier", self.noise_multiplier, allow_zero=True)
-        _positive("federation.dp.clipping_norm", self.clipping_norm)
+        check_positive("federation.dp.noise_multiplier", self.noise_multiplier, allow_zero=True)
+        check_positive("federation.dp.clipping_norm", self.clipping_norm)
         if not 0 < self.delta < 1:
             raise ConfigError(f"federation.dp.delta={self.delta} must be in (0, 1)")
 
@@ -126,22 +118,22 @@ class FederationSettings:
 
     def __post_init__(self) -> None:
         if self.num_hospitals is not None:
-            _positive("federation.num_hospitals", self.num_hospitals)
-        _positive("federation.num_rounds", self.num_rounds)
-        _choice("federation.strategy", self.strategy, ("fedavg", "fedprox", "fedadam"))
-        _choice("federation.partitioning", self.partitioning, ("dirichlet", "iid"))
-        _positive("federation.dirichlet_alpha", self.dirichlet_alpha)
+            check_positive("federation.num_hospitals", self.num_hospitals)
+        check_positive("federation.num_rounds", self.num_rounds)
+        check_choice("federation.strategy", self.strategy, ("fedavg", "fedprox", "fedadam"))
+        check_choice("federation.partitioning", self.partitioning, ("dirichlet", "iid"))
+        check_positive("federation.dirichlet_alpha", self.dirichlet_alpha)
         for key in self.skew_by:
-            _choice("federation.skew_by entry", key, ("skin_tone_group", "view", "sex"))
+            check_choice("federation.skew_by entry", key, ("skin_tone_group", "view", "sex"))
         for name in ("fraction_train", "fraction_evaluate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"federation.{name}={getattr(self, name)} must be in [0, 1]")
-        _positive("federation.round_timeout", self.round_timeout)
-        _positive("federation.connect_timeout", self.connect_timeout)
-        _positive("federation.prepare_timeout", self.prepare_timeout)
-        _positive("federation.client_resources.num_cpus", self.client_resources.num_cpus)
-        _positive("federation.client_resources.num_gpus", self.client_resources.num_gpus, allow_zero=True)
-        _choice("federation.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
+        check_positive("federation.round_timeout", self.round_timeout)
+        check_positive("federation.connect_timeout", self.connect_timeout)
+        check_positive("federation.prepare_timeout", self.prepare_timeout)
+        check_positive("federation.client_resources.num_cpus", self.client_resources.num_cpus)
+        check_positive("federation.client_resources.num_gpus", self.client_resources.num_gpus, allow_zero=True)
+        check_choice("federation.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
         m = self.min_available_hospitals
         if m != "majority":
             try:
@@ -177,7 +169,7 @@ class SweepSettings:
     eval_clinic_seed: int
 
     def __post_init__(self) -> None:
-        _positive("sweep.eval_subjects", self.eval_subjects, allow_zero=True)
+        check_positive("sweep.eval_subjects", self.eval_subjects, allow_zero=True)
 
 
 @dataclass

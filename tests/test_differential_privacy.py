@@ -1,4 +1,4 @@
-"""Differential privacy with Flower's wrappers and mods (server/differential_privacy.py):
+"""Differential privacy with Flower's wrappers and mods (skinfed/differential_privacy.py):
 a config with DP on clips each hospital's update, the server noises the average,
 and epsilon is finite and grows with the rounds."""
 
@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from flwr.supercore.task_identity import TaskIdentity
 
-from server.differential_privacy import (
+from skinfed.differential_privacy import (
     DpSettings,
     clamp_running_variances,
     client_mods,

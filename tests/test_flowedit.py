@@ -113,3 +113,19 @@ def test_bad_settings_are_refused(tiny_embedded_backend, source):
         run(tiny_embedded_backend, source, [TGT], dataclasses.replace(SETTINGS, n_max=11))
     with pytest.raises(ValueError, match="guidance_mode"):
         run(tiny_embedded_backend, source, [TGT], dataclasses.replace(SETTINGS, guidance_mode="x"))
+
+
+def test_prompt_cache_is_bounded_and_exact(tiny_embedded_backend):
+    """Every photo's new identity is its own prompt: the cache must not grow
+    without end, and what it returns must equal a fresh encoding."""
+    backend = tiny_embedded_backend
+    old_size, backend.prompt_cache_size = backend.prompt_cache_size, 3
+    try:
+        prompts = [f"photo of a woman with facial erythema, {c} hair" for c in ("black", "brown", "blond", "red", "gray")]
+        first = backend.encode_prompts(prompts)
+        assert len(backend._prompt_cache) == 3
+        again = backend.encode_prompts(prompts[::-1])
+        assert torch.equal(again.embeds, first.embeds.flip(0))
+        assert len(backend._prompt_cache) == 3
+    finally:
+        backend.prompt_cache_size = old_size

@@ -30,26 +30,33 @@ def _superlinks(flwr_home: Path) -> list[str]:
 
 
 def _stop_superlinks(flwr_home: Path) -> None:
-    for line in _superlinks(flwr_home):
-        try:
-            os.kill(int(line.split()[0]), 15)
-        except (ProcessLookupError, ValueError):
-            pass
+    """Stop what plain `flwr run` left running (the SuperLink and its SuperExec),
+    as skinfed-run does: SIGTERM, then SIGKILL after a grace period."""
+    from skinfed.launch import stop_superlinks
+
+    stop_superlinks({int(line.split()[0]) for line in _superlinks(flwr_home)}, timeout=20)
 
 
-def test_plain_flwr_run_follows_the_supernodes(tmp_path, tiny_embedded_dir):
-    """A Flower user's habit: `flwr run . --stream`, nothing else (no environment
-    variable, no federation config): Flower's default 2 SuperNodes are 2 hospitals."""
-    flwr_home = tmp_path / "flwr-home"
+def _isolated_env(tmp_path: Path) -> dict[str, str]:
+    """This process's environment with a private Flower home, free ports and a
+    private project home: never the user's ~/.flwr or ~/.cache/skinfed."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "SKINFED_"))}
     env.update({
-        "FLWR_HOME": str(flwr_home),  # never touch the user's ~/.flwr
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
         "SKINFED_HOME": str(tmp_path / "home"),
         "OMP_NUM_THREADS": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     })
+    return env
+
+
+def test_plain_flwr_run_follows_the_supernodes(tmp_path, tiny_embedded_dir):
+    """A Flower user's habit: `flwr run . --stream`, nothing else (no environment
+    variable, no federation config): Flower's default 2 SuperNodes are 2 hospitals."""
+    flwr_home = tmp_path / "flwr-home"
+    env = _isolated_env(tmp_path)  # no FLWR_* / SKINFED_* variable at all
     overrides = " ".join([f"firewall.backend.model_path={tiny_embedded_dir}", *TINY_OVERRIDES, "federation.num_rounds=1"])
     flwr = str(Path(sys.executable).with_name("flwr"))
     try:
@@ -63,21 +70,13 @@ def test_plain_flwr_run_follows_the_supernodes(tmp_path, tiny_embedded_dir):
         rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
         assert rounds[1]["clients_trained"] == 2 and rounds[1]["firewall_accepted"] == 12
     finally:
-        _stop_superlinks(flwr_home)
+        _stop_superlinks(flwr_home)  # plain `flwr run` leaves its SuperLink running: the test stops it
+        assert not _superlinks(flwr_home), "the local SuperLink is still running"
 
 
 def test_skinfed_run_sizes_the_federation(tmp_path, tiny_embedded_dir):
     flwr_home = tmp_path / "flwr-home"
-    env = dict(os.environ)
-    env.update({
-        "FLWR_HOME": str(flwr_home),  # never touch the user's ~/.flwr
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
-        "SKINFED_HOME": str(tmp_path / "home"),
-        "SKINFED_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
-    })
-    env.pop("SKINFED_OVERRIDES", None)
+    env = {**_isolated_env(tmp_path), "SKINFED_THREADS": "1"}
     overrides = [f"firewall.backend.model_path={tiny_embedded_dir}", *TINY_OVERRIDES,
                  "federation.num_hospitals=3", "federation.num_rounds=1"]
     proc = subprocess.run([sys.executable, "-m", "skinfed.launch", *overrides], cwd=ROOT, env=env,
@@ -100,15 +99,7 @@ def test_skinfed_run_sizes_the_federation(tmp_path, tiny_embedded_dir):
 def test_flwr_run_finds_the_shipped_weights_from_the_bundle(tmp_path):
     """The default backend from `flwr run`: the bundle has no weights, so they must
     be found through the installed package (no backend.model_path, no env var)."""
-    env = dict(os.environ)
-    env.update({
-        "FLWR_HOME": str(tmp_path / "flwr-home"),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
-        "SKINFED_HOME": str(tmp_path / "home"),
-    })
-    for key in ("SKINFED_OVERRIDES", "SKINFED_EMBEDDED_WEIGHTS"):
-        env.pop(key, None)
+    env = _isolated_env(tmp_path)  # no SKINFED_EMBEDDED_WEIGHTS, no overrides
     overrides = ["federation.num_hospitals=2", "federation.num_rounds=1", "data.num_subjects=8",
                  "data.holdout_subjects=4", "model.local_epochs=1"]
     proc = subprocess.run([sys.executable, "-m", "skinfed.launch", *overrides], cwd=tmp_path, env=env,

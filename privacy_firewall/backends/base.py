@@ -11,6 +11,7 @@ is ``z_t = (1 - t) * z_0 + t * noise`` and the model predicts the velocity
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,17 +99,33 @@ class FlowBackend(ABC):
 
     def __init__(self) -> None:
         self.nfe = 0
-        self._prompt_cache: dict[str, Conditioning] = {}
+        # Least recently used first. Bounded: every photo's new identity is a
+        # prompt of its own, and a firewall service runs for months.
+        self._prompt_cache: OrderedDict[str, Conditioning] = OrderedDict()
+
+    #: Encoded prompts kept for reuse (the fixed ones — source, healthy, "" — are
+    #: used every batch and so never fall out).
+    prompt_cache_size: int = 256
 
     # -- prompts ---------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        """Encode prompts once per process: later calls hit the cache."""
+        """Encode each distinct prompt once: later calls hit the cache."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        encoded_now: dict[str, Conditioning] = {}
         if missing:
             encoded = self._encode_prompts(missing)
-            for i, prompt in enumerate(missing):
-                self._prompt_cache[prompt] = encoded.index([i])
-        parts = [self._prompt_cache[p] for p in prompts]
+            encoded_now = {prompt: encoded.index([i]) for i, prompt in enumerate(missing)}
+        parts = []
+        for p in prompts:
+            if p in encoded_now:
+                parts.append(encoded_now[p])
+            else:
+                self._prompt_cache.move_to_end(p)
+                parts.append(self._prompt_cache[p])
+        for prompt, conditioning in encoded_now.items():
+            self._prompt_cache[prompt] = conditioning
+        while len(self._prompt_cache) > self.prompt_cache_size:
+            self._prompt_cache.popitem(last=False)
         return Conditioning(
             embeds=torch.cat([p.embeds for p in parts]),
             extras={k: torch.cat([p.extras[k] for p in parts]) for k in parts[0].extras},

@@ -63,8 +63,8 @@ def prepare_inputs(overrides: list[str], gallery_size: int, checkpoint: str | No
     from models import segmentation
     from privacy_firewall.firewall import PhotoRequest, PrivacyFirewall
     from privacy_firewall.masks import differential_mask
-    from server.differential_privacy import DpSettings, epsilon_per_round
     from skinfed.config import load_run_config
+    from skinfed.differential_privacy import DpSettings, epsilon_per_round
     from synthetic_clinic import render_subject
 
     cfg = load_run_config(overrides)

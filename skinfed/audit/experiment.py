@@ -174,7 +174,7 @@ def _dp_epsilon(epsilon_fn: EpsilonFn | None, z: float, delta: float, rounds: in
 def run_audit(data: AuditData, models: AuditModels, settings: AuditSettings,
               epsilon_fn: EpsilonFn | None = None) -> AuditResult:
     """Run every attack; ``epsilon_fn`` turns a noise multiplier into epsilon
-    (Flower's accountant, :func:`server.differential_privacy.epsilon_per_round`)."""
+    (Flower's accountant, :func:`skinfed.differential_privacy.epsilon_per_round`)."""
     torch.manual_seed(0)
     clock = Stopwatch()
     p = data.num_patients
