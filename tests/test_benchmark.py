@@ -119,7 +119,7 @@ def test_sd3_backend_from_a_diffusers_folder(capsys, monkeypatch, tmp_path):
     build_tiny_sd3_pipeline().save_pretrained(folder)
     rc, r, err = run_benchmark(capsys, monkeypatch, tmp_path, "--height", "32", "--width", "32", "--images", "1",
                                "backend=sd3", f"firewall.backend.model_path={folder}", "firewall.backend.dtype=fp32",
-                               "backend.device=cpu", *FAST)
+                               "firewall.backend.device=cpu", *FAST)
     assert rc == 0, err
     assert (r["backend"], r["weights"], r["dtype"]) == ("sd3", "pretrained", "float32")
     check_relations(r, 3, n_max=4)

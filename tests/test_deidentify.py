@@ -724,8 +724,9 @@ def test_resume_after_lost_outputs_and_partial_temp_files(tiny_model_dir, tmp_pa
 
 def test_a_killed_run_continues_to_the_same_outputs(tiny_model_dir, tmp_path, monkeypatch):
     inp = small_folder(tmp_path, n=3)
+    key = f"firewall.key_file={tmp_path / 'hospital.key'}"  # the same hospital: one key, two homes
     # Reference: one uninterrupted run.
-    assert deidentify(tiny_model_dir, inp, tmp_path / "ref", tmp_path / "home-ref", "firewall.batch_size=1") == 0
+    assert deidentify(tiny_model_dir, inp, tmp_path / "ref", tmp_path / "home-ref", "firewall.batch_size=1", key) == 0
     reference = by_source(tmp_path / "ref")
 
     out, home = tmp_path / "out", tmp_path / "home"
@@ -740,13 +741,13 @@ def test_a_killed_run_continues_to_the_same_outputs(tiny_model_dir, tmp_path, mo
 
     monkeypatch.setattr(PrivacyFirewall, "_edit_batch", killed_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        deidentify(tiny_model_dir, inp, out, home, "firewall.batch_size=1")
+        deidentify(tiny_model_dir, inp, out, home, "firewall.batch_size=1", key)
     assert not (out / "report.json").exists()
     assert len(list((out / "surrogates").glob("*.png"))) == 1
     assert not temporary_leftovers(out) and not temporary_leftovers(home)
 
     monkeypatch.setattr(PrivacyFirewall, "_edit_batch", real)
-    assert deidentify(tiny_model_dir, inp, out, home, "firewall.batch_size=1") == 0
+    assert deidentify(tiny_model_dir, inp, out, home, "firewall.batch_size=1", key) == 0
     report = read_report(out)
     assert sorted(rec["cached"] for rec in report["images"].values()) == [False, False, True]
     resumed = by_source(out)
