@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,3 +64,23 @@ def tiny_config(tmp_path, tiny_embedded_dir, monkeypatch):
 def tiny_firewall_settings(tiny_config):
     """The tiny configuration's firewall settings."""
     return tiny_config[0].firewall
+
+
+def make_hospital_folders(root: Path, per_hospital: int = 4, subfolder: str = "data") -> list[Path]:
+    """Two hospital folders (``images/`` + ``metadata.csv``) from the synthetic
+    clinic, as a hospital would hand them over (for the deployment tests)."""
+    from synthetic_clinic.clinic import generate_clinic, read_metadata
+
+    clinic = generate_clinic(root / "clinic", 2 * per_hospital, seed=0, size=32, progress=False)
+    rows = read_metadata(clinic)
+    folders = []
+    for h in range(2):
+        folder = root / subfolder / f"hospital_{h + 1}"
+        (folder / "images").mkdir(parents=True)
+        lines = ["stem,sex"]
+        for row in rows[h * per_hospital:(h + 1) * per_hospital]:
+            shutil.copyfile(clinic / "images" / f"{row['stem']}.png", folder / "images" / f"{row['stem']}.png")
+            lines.append(f"{row['stem']},{row['sex']}")
+        (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+        folders.append(folder)
+    return folders

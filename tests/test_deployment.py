@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import socket
 import stat
@@ -473,22 +472,9 @@ def _free_port() -> int:
 
 
 def _hospital_folders(root: Path, per_hospital: int = 4) -> list[Path]:
-    """Two hospital folders (``images/`` + ``metadata.csv``) from the synthetic clinic."""
-    from synthetic_clinic.clinic import generate_clinic, read_metadata
+    from tests.conftest import make_hospital_folders
 
-    clinic = generate_clinic(root / "clinic", 2 * per_hospital, seed=0, size=32, progress=False)
-    rows = read_metadata(clinic)
-    folders = []
-    for h in range(2):
-        folder = root / "hospital-data" / f"hospital_{h + 1}"
-        (folder / "images").mkdir(parents=True)
-        lines = ["stem,sex"]
-        for row in rows[h * per_hospital:(h + 1) * per_hospital]:
-            shutil.copyfile(clinic / "images" / f"{row['stem']}.png", folder / "images" / f"{row['stem']}.png")
-            lines.append(f"{row['stem']},{row['sex']}")
-        (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
-        folders.append(folder)
-    return folders
+    return make_hospital_folders(root, per_hospital, subfolder="hospital-data")
 
 
 class LocalDeployment:
