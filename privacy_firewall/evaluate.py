@@ -283,8 +283,13 @@ def attack_report(firewall: PrivacyFirewall, subjects: list, results: list, ok: 
             with torch.no_grad():
                 return judge.predict(to_tensor_batch([prepare(x, 64, 8, True).pixels for x in images]))
 
-        src = predict([subjects[i].pathological for i in ok])
+        from models.attribute_classifier import subject_labels
+
+        # The source side from the clinic's truth: the judge's own errors would pull
+        # the measured retention toward chance (in the firewall's favour).
+        truth = [subject_labels(subjects[i].subject) for i in ok]
         sur = predict(surrogates)
+        src = {head: [t[head] for t in truth] for head in sur if head in truth[0]}
         full_face = np.array([subjects[i].subject.view == "full_face" for i in ok])
         retention = attribute_retention(src, sur, include=full_face)
         report["attribute_retention"] = retention

@@ -16,8 +16,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +65,24 @@ def subject_slots(s: Subject) -> list[int]:
     return [value[name] for name in ATTRIBUTE_SLOTS]
 
 
-def build_pool(n_subjects: int, size: int, cache: Path) -> dict[str, np.ndarray]:
+def _render_rows(indices: list[int], size: int) -> list[dict]:
+    """One chunk of the training pool (run in worker processes)."""
+    rows = []
+    for i in indices:
+        cs = render_subject(TRAIN_CLINIC_SEED, i, size)
+        rows.append({
+            "images": np.stack([cs.pathological, cs.healthy, cs.opposite]),
+            "masks": np.stack([cs.mask, cs.opposite_mask]),
+            "slots": [subject_slots(cs.subject), subject_slots(cs.subject.with_opposite_sex())],
+            "phrases": "|".join(attribute_phrases(cs.subject)),
+            "sex": HEADS["sex"].index(cs.subject.sex),
+            "tone": HEADS["skin_tone_group"].index(cs.subject.skin_tone_group),
+            "view": HEADS["view"].index(cs.subject.view),
+        })
+    return rows
+
+
+def build_pool(n_subjects: int, size: int, cache: Path, workers: int = 1) -> dict[str, np.ndarray]:
     """Render (or load) the training pool: per subject its pathological image,
     healthy twin and opposite-sex image with their erythema masks, plus the
     attributes the captions use (phrases for version 1, slots for version 2)."""
@@ -77,15 +97,23 @@ def build_pool(n_subjects: int, size: int, cache: Path) -> dict[str, np.ndarray]
     sexes = np.zeros(n_subjects, np.int64)
     tones = np.zeros(n_subjects, np.int64)
     views = np.zeros(n_subjects, np.int64)
-    for i in tqdm(range(n_subjects), desc="render training pool", unit="subject"):
-        cs = render_subject(TRAIN_CLINIC_SEED, i, size)
-        images[i] = np.stack([cs.pathological, cs.healthy, cs.opposite])
-        masks[i] = np.stack([cs.mask, cs.opposite_mask])
-        slots[i] = [subject_slots(cs.subject), subject_slots(cs.subject.with_opposite_sex())]
-        phrases.append("|".join(attribute_phrases(cs.subject)))
-        sexes[i] = HEADS["sex"].index(cs.subject.sex)
-        tones[i] = HEADS["skin_tone_group"].index(cs.subject.skin_tone_group)
-        views[i] = HEADS["view"].index(cs.subject.view)
+    chunks = [list(range(s, min(s + 250, n_subjects))) for s in range(0, n_subjects, 250)]
+    bar = tqdm(total=n_subjects, desc="render training pool", unit="subject", mininterval=5)
+    if workers > 1:
+        # spawn, not fork: the parent may already hold a CUDA context.
+        executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        rendered = executor.map(_render_rows, chunks, [size] * len(chunks))
+    else:
+        executor, rendered = None, map(_render_rows, chunks, [size] * len(chunks))
+    for chunk, rows in zip(chunks, rendered):
+        for i, row in zip(chunk, rows):
+            images[i], masks[i], slots[i] = row["images"], row["masks"], row["slots"]
+            phrases.append(row["phrases"])
+            sexes[i], tones[i], views[i] = row["sex"], row["tone"], row["view"]
+        bar.update(len(chunk))
+    bar.close()
+    if executor is not None:
+        executor.shutdown()
     pool = {"images": images, "masks": masks, "slots": slots, "phrases": np.array(phrases), "sex": sexes,
             "tone": tones, "view": views}
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -125,25 +153,22 @@ def sample_slot_conditions(pool: dict, idx: np.ndarray, kinds: np.ndarray, rng: 
     n_slots = len(ATTRIBUTE_SLOTS)
     state = list(ATTRIBUTE_SLOTS).index("state")
     sex = list(ATTRIBUTE_SLOTS).index("sex")
-    tokens = np.zeros((len(idx), n_slots), np.int64)
-    spatial = np.zeros((len(idx), 2, size, size), np.float32)
-    for row, (i, kind) in enumerate(zip(idx, kinds)):
-        values = pool["slots"][i, 1 if kind == 2 else 0].copy()
-        values[state] = 2 if kind == 1 else 1
-        if rng.random() < 0.15:
-            values[sex] = 3  # "person"
-        keep = rng.random(n_slots) >= 0.3
-        keep[state] |= rng.random() < 0.5  # the state is named more often than the rest
-        values = np.where(keep, values, 0)
-        drop_all = rng.random() < 0.1
-        if drop_all:
-            values[:] = 0
-        tokens[row] = values
-        if rng.random() < (0.15 if drop_all else 0.6):  # the map is known
-            spatial[row, 1] = 1.0
-            if kind != 1:
-                spatial[row, 0] = pool["masks"][i, 1 if kind == 2 else 0]
-    return torch.from_numpy(tokens), torch.from_numpy(spatial)
+    batch = len(idx)
+    opposite = (kinds == 2).astype(np.int64)
+    values = pool["slots"][idx, opposite].copy()  # (batch, n_slots)
+    values[:, state] = np.where(kinds == 1, 2, 1)
+    values[rng.random(batch) < 0.15, sex] = 3  # "person"
+    keep = rng.random((batch, n_slots)) >= 0.3
+    keep[:, state] |= rng.random(batch) < 0.5  # the state is named more often than the rest
+    values = np.where(keep, values, 0)
+    drop_all = rng.random(batch) < 0.1
+    values[drop_all] = 0
+    spatial = np.zeros((batch, 2, size, size), np.float32)
+    known = rng.random(batch) < np.where(drop_all, 0.15, 0.6)  # the map is known
+    spatial[known, 1] = 1.0
+    with_map = known & (kinds != 1)  # a healthy twin's known map is empty
+    spatial[with_map, 0] = pool["masks"][idx[with_map], opposite[with_map]]
+    return torch.from_numpy(values), torch.from_numpy(spatial)
 
 
 def plot_losses(history: list[tuple[int, float]], path: Path) -> None:
@@ -174,8 +199,13 @@ def train_flow(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    pool = build_pool(args.pool, args.size, out / f"pool_{args.pool}_{args.size}.npz")
-    images = torch.from_numpy(pool["images"])  # (N, 3, H, W, 3) uint8
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    pool = build_pool(args.pool, args.size, out / f"pool_{args.pool}_{args.size}.npz", args.workers)
+    # (N, 3, H, W, 3) uint8; on a GPU the whole pool lives there (0.7 GB for 20k subjects).
+    images = torch.from_numpy(pool["images"]).to(device if device.type == "cuda" else "cpu")
 
     slots = args.conditioning == "attribute_slots"
     config = FlowUNetConfig(image_size=args.size, channels=tuple(args.channels), conditioning=args.conditioning,
@@ -185,9 +215,8 @@ def train_flow(args: argparse.Namespace) -> None:
     if args.init_from and not (out / "checkpoint.pt").exists():
         warm_start(model, load_flow_unet(args.init_from))
     ema = copy.deepcopy(model).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4, fused=device.type == "cuda")
     rng = np.random.default_rng(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
     step, history, seconds = 0, [], 0.0
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
@@ -196,7 +225,6 @@ def train_flow(args: argparse.Namespace) -> None:
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         rng.bit_generator.state = state["rng"]
-        gen.set_state(state["gen"])
         step, history, seconds = state["step"], state["history"], state.get("seconds", 0.0)
         print(f"resumed from step {step}")
     n_params = sum(p.numel() for p in model.parameters())
@@ -205,7 +233,7 @@ def train_flow(args: argparse.Namespace) -> None:
     def save() -> None:
         atomic_torch_save(ckpt, {
             "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-            "rng": rng.bit_generator.state, "gen": gen.get_state(), "step": step,
+            "rng": rng.bit_generator.state, "step": step,
             "history": history, "seconds": seconds, "args": vars(args),
         })
         save_flow_unet(ema, out)
@@ -215,22 +243,37 @@ def train_flow(args: argparse.Namespace) -> None:
         })
         plot_losses(history, out / "loss_curve.png")
 
-    bar = tqdm(total=args.steps, initial=step, desc="train flow", unit="step")
+    bar = tqdm(total=args.steps, initial=step, desc="train flow", unit="step", mininterval=10)
+    started = time.time()
+    pending: list[tuple[int, torch.Tensor]] = []
     while step < args.steps:
+        if args.minutes and time.time() - started > 60 * args.minutes:
+            print(f"time budget of {args.minutes} min reached at step {step}")
+            break
         t0 = time.time()
         idx = rng.integers(0, images.shape[0], size=args.batch)
         kinds = rng.integers(0, 3, size=args.batch)
-        x0 = images[torch.from_numpy(idx), torch.from_numpy(kinds)].permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+        pick = (torch.from_numpy(idx).to(images.device), torch.from_numpy(kinds).to(images.device))
+        x0 = images[pick].permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
         spatial = None
         if slots:
             tokens, spatial = sample_slot_conditions(pool, idx, kinds, rng, args.size)
             tokens, spatial = tokens.to(device), spatial.to(device)
         else:
             tokens = model.caption_tokens(sample_captions(pool, idx, kinds, rng, p_drop=0.1))
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.sigmoid(torch.randn(args.batch, generator=gen)).to(device)  # logit-normal
+        # Noise from a generator seeded by (seed, step) on the training device: a
+        # resumed run draws what the uninterrupted one would have, without host copies.
+        gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
+        noise = torch.randn(x0.shape, generator=gen, device=device)
+        t = torch.sigmoid(torch.randn(args.batch, generator=gen, device=device))  # logit-normal
         xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
         lr = args.lr * min(1.0, (step + 1) / 500)  # warm-up
+        if args.schedule == "cosine":
+            # Progress by steps or, under a time budget, by the clock, whichever is further.
+            done = step / args.steps
+            if args.minutes:
+                done = max(done, (time.time() - started) / (60 * args.minutes))
+            lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
@@ -242,16 +285,21 @@ def train_flow(args: argparse.Namespace) -> None:
         opt.step()
         with torch.no_grad():
             decay = min(args.ema, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
         step += 1
         seconds += time.time() - t0
-        history.append((step, float(loss)))
+        pending.append((step, loss.detach()))
         bar.update(1)
-        bar.set_postfix(loss=f"{np.mean([h[1] for h in history[-100:]]):.4f}")
+        if step % 50 == 0 or step % args.checkpoint_every == 0 or step == args.steps:
+            # Read losses back in groups: a per-step .item() would stall a GPU.
+            history.extend((k, float(v)) for k, v in zip([k for k, _ in pending], torch.stack([v for _, v in pending]).cpu()))
+            pending.clear()
+            bar.set_postfix(loss=f"{np.mean([h[1] for h in history[-100:]]):.4f}", refresh=False)
         if step % args.checkpoint_every == 0 or step == args.steps:
             save()
     bar.close()
+    if pending:
+        history.extend((k, float(v)) for k, v in pending)
     save()
     print(json.dumps({"steps": step, "loss": float(np.mean([h[1] for h in history[-200:]])), "out": str(out)}))
 
@@ -278,7 +326,7 @@ def warm_start(model: FlowUNet, source: FlowUNet) -> None:
 def train_classifier(args: argparse.Namespace) -> None:
     out = Path(args.out)
     torch.set_num_threads(args.threads)
-    pool = build_pool(args.pool, args.size, out / f"pool_{args.pool}_{args.size}.npz")
+    pool = build_pool(args.pool, args.size, out / f"pool_{args.pool}_{args.size}.npz", args.workers)
     images = torch.from_numpy(pool["images"])
     n = images.shape[0]
     n_val = max(64, n // 20)
@@ -338,7 +386,7 @@ def export(args: argparse.Namespace) -> None:
             shutil.copyfile(src / name, EMBEDDED_DIR / name)
             print("exported", name)
     torch.set_num_threads(args.threads)
-    backend = EmbeddedBackend(load_flow_unet(EMBEDDED_DIR), folder=None)
+    backend = EmbeddedBackend(load_flow_unet(EMBEDDED_DIR), device=args.device, folder=None)
     images = []
     for i in range(args.ood_subjects):
         cs = render_subject(777, i, args.size)
@@ -359,14 +407,19 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--workers", type=int, default=1, help="processes that render the training pool")
     flow = sub.choices["flow"]
     flow.add_argument("--steps", type=int, default=20000)
     flow.add_argument("--batch", type=int, default=32)
     flow.add_argument("--lr", type=float, default=1e-3)
     flow.add_argument("--ema", type=float, default=0.999)
     flow.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128])
-    flow.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on recent CPUs and GPUs)")
+    flow.add_argument("--bf16", action="store_true", help="bf16 autocast (for GPUs; on CPUs without bf16 matrix units it is many times slower)")
     flow.add_argument("--checkpoint-every", type=int, default=250)
+    flow.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                      help="learning rate after the warm-up (cosine: to zero at --steps or --minutes)")
+    flow.add_argument("--minutes", type=float, default=None,
+                      help="stop (and save) after this much wall time, e.g. to fit a GPU lease")
     flow.add_argument("--conditioning", choices=("bag_of_words", "attribute_slots"), default="attribute_slots")
     flow.add_argument("--init-from", default=None, help="warm start from this model folder (e.g. models/embedded)")
     sub.choices["classifier"].add_argument("--classifier-steps", type=int, default=1500)
