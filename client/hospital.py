@@ -127,6 +127,8 @@ def label_masks(cfg: RunConfig, output: Path, pairs: list[DeidentifiedPair],
 
         segmenter = ColourRuleSegmenter()
         return {p.id: segmenter.segment(p.surrogate) for p in pairs}
+    if cfg.data.label_source == "reference":
+        return reference_labels(output, pairs)
     # ground_truth: the synthetic clinic's own mask of the source photo (the
     # surrogate keeps the source's erythema map); resized to the surrogate.
     import csv
@@ -148,6 +150,26 @@ def label_masks(cfg: RunConfig, output: Path, pairs: list[DeidentifiedPair],
     size = pairs[0].surrogate.shape[:2] if pairs else (0, 0)
     return {i: cv2.resize(m.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 0
             for i, m in by_id.items()}
+
+
+def reference_labels(output: Path, pairs: list[DeidentifiedPair]) -> dict[str, np.ndarray]:
+    """The firewall's reference mask of each pair (``.local/reference/<id>.png``,
+    hospital-private): the hospital's annotation where it gave one, else the
+    patient's own differential mask M_orig. A backend that draws the surrogate
+    from the patient's erythema map (the embedded model) puts exactly that
+    erythema into the surrogate, so M_orig labels the surrogate's own redness
+    without the surrogate's healthy-twin errors."""
+    from privacy_firewall.images import read_mask_png
+
+    folder = output / ".local" / "reference"
+    missing = [p.id for p in pairs if not (folder / f"{p.id}.png").is_file()]
+    if missing:
+        raise ValueError(
+            f"data.label_source=reference: {len(missing)} of {len(pairs)} de-identified photos have no reference "
+            "mask (the firewall writes one when it edits the original's own healthy twin, "
+            "firewall.original_healthy_twin=true, or when the hospital supplies masks/); "
+            "use data.label_source=differential")
+    return {p.id: read_mask_png(folder / f"{p.id}.png") for p in pairs}
 
 
 def _is_validation(key: str, fraction: float, seed: int) -> bool:

@@ -1,11 +1,13 @@
-"""Label quality -> federation: the same federated run trained on three kinds of masks.
+"""Label quality -> federation: the same federated run trained on four kinds of masks.
 
     python -m scripts.label_source --out docs/label_source --rounds 5
     python -m scripts.label_source --out runs/label_source --rounds 3 --target-dice 0.6 federation.num_hospitals=4
 
 One federated run per ``data.label_source`` (``differential``: the firewall's
 masks, today's pipeline; ``ground_truth``: the synthetic clinic's masks of the
-source photos; ``colour_rule``: the single-image a* rule on each surrogate),
+source photos; ``reference``: the patient's own differential mask M_orig, which
+the embedded model draws the surrogate's erythema from; ``colour_rule``: the
+single-image a* rule on each surrogate),
 everything else equal: the same hospitals, the same surrogates (the firewall
 cache is shared, so each photo is edited once), the same seed. Each run goes
 through the sweep's job runner (``skinfed.sweep.run_job``: `flwr run` with the
@@ -27,10 +29,11 @@ import json
 import sys
 from pathlib import Path
 
-LABEL_SOURCES = ("ground_truth", "differential", "colour_rule")
+LABEL_SOURCES = ("ground_truth", "differential", "reference", "colour_rule")
 TITLES = {
     "ground_truth": "(a) ground-truth masks",
     "differential": "(b) differential masks (the firewall)",
+    "reference": "(b') the patient's own differential masks (M_orig)",
     "colour_rule": "(c) colour-rule masks (single image)",
 }
 
@@ -101,7 +104,8 @@ def convergence_png(summary: dict) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.6, 3.6))
-    styles = {"ground_truth": ("tab:green", "o"), "differential": ("tab:blue", "s"), "colour_rule": ("tab:red", "^")}
+    styles = {"ground_truth": ("tab:green", "o"), "differential": ("tab:blue", "s"), "reference": ("tab:purple", "D"),
+              "colour_rule": ("tab:red", "^")}
     for r in summary["rows"]:
         points = [(k, d) for k, d in enumerate(r["dice_per_round"]) if d is not None]
         if not points:

@@ -61,7 +61,7 @@ class DataSettings:
         check_positive("data.holdout_subjects", self.holdout_subjects, allow_zero=True)
         if self.image_size < 32:
             raise ConfigError(f"data.image_size={self.image_size} must be at least 32")
-        check_choice("data.label_source", self.label_source, ("differential", "ground_truth", "colour_rule"))
+        check_choice("data.label_source", self.label_source, ("differential", "reference", "ground_truth", "colour_rule"))
         if self.label_source == "ground_truth" and self.source != "synthetic":
             raise ConfigError("data.label_source=ground_truth needs data.source=synthetic (real photos have no truth)")
 

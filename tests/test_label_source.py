@@ -55,7 +55,7 @@ def test_label_source_changes_only_the_labels(tiny_config):
     folder = synthetic_hospitals(cfg, 2)[0]
     prepare_hospital(cfg, folder)
     loaded = {source: load_hospital(replace(cfg, data=replace(cfg.data, label_source=source)), folder)
-              for source in ("differential", "ground_truth", "colour_rule")}
+              for source in ("differential", "reference", "ground_truth", "colour_rule")}
 
     base = loaded["differential"]
     assert base.train
@@ -78,10 +78,33 @@ def test_label_source_changes_only_the_labels(tiny_config):
     rule = ColourRuleSegmenter()
     for pair in loaded["colour_rule"].train:
         np.testing.assert_array_equal(pair.mask, rule.segment(pair.surrogate))
-    # and the three really are different labels
+    # reference: the firewall's own M_orig of each pair (no annotations here), as written
+    reference = node_dir(cfg, folder) / "firewall" / ".local" / "reference"
+    for pair in loaded["reference"].train + loaded["reference"].validation:
+        np.testing.assert_array_equal(pair.mask, read_mask_png(reference / f"{pair.id}.png"))
+    # and they really are different labels
     masks = {source: np.stack([p.mask for p in data.train]) for source, data in loaded.items()}
     assert not np.array_equal(masks["differential"], masks["ground_truth"])
     assert not np.array_equal(masks["colour_rule"], masks["ground_truth"])
+    assert not np.array_equal(masks["reference"], masks["differential"])
+
+
+def test_reference_labels_without_reference_masks_name_the_fix(tiny_config):
+    """No reference masks (the original's healthy twin switched off): a clear error
+    that names the setting and the alternative, not a missing-file traceback."""
+    from dataclasses import replace
+
+    import pytest
+
+    from client.hospital import load_hospital, prepare_hospital
+    from skinfed.data import synthetic_hospitals
+
+    cfg, _ = tiny_config
+    cfg = replace(cfg, firewall=replace(cfg.firewall, original_healthy_twin=False))
+    folder = synthetic_hospitals(cfg, 2)[0]
+    prepare_hospital(cfg, folder)
+    with pytest.raises(ValueError, match="original_healthy_twin=true.*data.label_source=differential"):
+        load_hospital(replace(cfg, data=replace(cfg.data, label_source="reference")), folder)
 
 
 def test_a_finished_job_is_read_back_and_a_failed_one_is_run_again(tmp_path, monkeypatch):
