@@ -86,7 +86,8 @@ def test_label_source_changes_only_the_labels(tiny_config):
     masks = {source: np.stack([p.mask for p in data.train]) for source, data in loaded.items()}
     assert not np.array_equal(masks["differential"], masks["ground_truth"])
     assert not np.array_equal(masks["colour_rule"], masks["ground_truth"])
-    assert not np.array_equal(masks["reference"], masks["differential"])
+    # (reference and differential masks are both the tiny random model's, often
+    # both empty: they are checked above against their own files, not each other)
 
 
 def test_reference_labels_without_reference_masks_name_the_fix(tiny_config):
