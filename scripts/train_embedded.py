@@ -2,8 +2,8 @@
 
     python -m scripts.train_embedded flow --out runs/embedded --steps 20000
     python -m scripts.train_embedded flow --out runs/embedded-v2 --init-from models/embedded --steps 6000
-    python -m scripts.train_embedded flow --out runs/embedded-v2 --init-from models/embedded --pool 20000 \
-        --workers 14 --batch 256 --lr 5e-4 --bf16 --schedule cosine --minutes 4.3 --steps 1000000   # one GPU (the shipped v2)
+    python -m scripts.train_embedded flow --out runs/embedded-v2 --init-from models/embedded --pool 20000 --workers 14 --batch 256 --lr 5e-4 --bf16 --schedule cosine --minutes 4.3 --steps 1000000
+        (the shipped version 2: one GPU, 4.3 minutes)
     python -m scripts.train_embedded classifier --out runs/embedded
     python -m scripts.train_embedded export --out runs/embedded   # -> models/embedded/
 
