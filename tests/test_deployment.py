@@ -586,7 +586,8 @@ class LocalDeployment:
     def leftovers(self) -> list[str]:
         """Live processes of ours: in one of our process groups, or naming our folder."""
         groups = {proc.pid for proc in self.procs.values()}
-        out = subprocess.run(["ps", "-eo", "pid=,pgid=,stat=,args="], capture_output=True, text=True).stdout
+        # -ww: full command lines (ps cuts them to 80 columns when not writing to a terminal).
+        out = subprocess.run(["ps", "-ww", "-eo", "pid=,pgid=,stat=,args="], capture_output=True, text=True).stdout
         alive = []
         for line in out.splitlines():
             pid, pgid, state, args = (line.split(None, 3) + [""])[:4]

@@ -25,7 +25,9 @@ def _free_port() -> int:
 
 
 def _superlinks(flwr_home: Path) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    # -ww: without it ps cuts each line to 80 columns when its output is not a
+    # terminal (as under pytest), and the Flower home further on is never seen.
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if "flower-superlink" in line and str(flwr_home) in line]
 
 
