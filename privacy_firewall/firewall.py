@@ -203,9 +203,12 @@ class PrivacyFirewall:
         """Every setting that changes the firewall's pixels (the cache key's config part).
         The key itself is not in it: it keys the HMAC. Computed once: the settings
         do not change in a firewall's life, and every photo's cache key needs it."""
+        return json.loads(self._fingerprint_json())
+
+    def _fingerprint_json(self) -> str:
         if self._fingerprint is None:
             self._fingerprint = json.dumps(self._describe_settings(), sort_keys=True)
-        return json.loads(self._fingerprint)
+        return self._fingerprint
 
     def _describe_settings(self) -> dict:
         s = self.settings
@@ -225,8 +228,7 @@ class PrivacyFirewall:
         }
 
     def cache_key(self, digest: str, source_sex: str) -> str:
-        self.fingerprint()
-        return keyed_digest(self.key, "cache", digest, source_sex, self._fingerprint).hex()
+        return keyed_digest(self.key, "cache", digest, source_sex, self._fingerprint_json()).hex()
 
     def noise_seed(self, digest: str, attempt: int) -> int:
         """The edit's noise: secret, per photo and per gate attempt."""
