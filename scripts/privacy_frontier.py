@@ -28,7 +28,12 @@ MARKERS = {"pixel": "o", "replay": "s", "matcher": "^"}
 
 
 def load_points(path: Path) -> list[dict]:
-    points = json.loads(path.read_text())
+    try:
+        points = json.loads(path.read_text())
+    except OSError as exc:
+        raise SystemExit(f"cannot read the points file {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{path} is not JSON ({exc}): expected a list of points (see --help)") from None
     if not isinstance(points, list) or not points:
         raise SystemExit(f"{path}: expected a non-empty JSON list of points")
     for p in points:

@@ -37,3 +37,12 @@ def test_the_shipped_points_load():
     """docs/privacy_frontier.json (the README's frontier) stays readable."""
     points = privacy_frontier.load_points(privacy_frontier.DOCS / "privacy_frontier.json")
     assert any("default" in p["name"] for p in points)
+
+
+def test_a_missing_or_broken_points_file_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="cannot read the points file .*nope.json"):
+        privacy_frontier.main(["--points", str(tmp_path / "nope.json")])
+    broken = tmp_path / "broken.json"
+    broken.write_text("[{")
+    with pytest.raises(SystemExit, match="broken.json is not JSON"):
+        privacy_frontier.main(["--points", str(broken)])
