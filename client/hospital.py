@@ -131,6 +131,12 @@ def label_masks(cfg: RunConfig, output: Path, pairs: list[DeidentifiedPair],
         return reference_labels(output, pairs)
     # ground_truth: the synthetic clinic's own mask of the source photo (the
     # surrogate keeps the source's erythema map); resized to the surrogate.
+    if "drawn erythema map" in str(_cohort(output).get("reference", "")):
+        raise ValueError(
+            "data.label_source=ground_truth: the firewall gave the erythema a secret new outline "
+            "(firewall.identity.reshape_erythema=true), so the source photo's mask no longer lies on the surrogate's "
+            "erythema; use data.label_source=reference (the map the surrogate was drawn from), or "
+            "firewall.identity.reshape_erythema=false to compare with the ground truth")
     import csv
 
     import cv2
@@ -152,13 +158,20 @@ def label_masks(cfg: RunConfig, output: Path, pairs: list[DeidentifiedPair],
             for i, m in by_id.items()}
 
 
+def _cohort(output: Path) -> dict:
+    import json
+
+    return json.loads((output / "report.json").read_text()).get("cohort", {})
+
+
 def reference_labels(output: Path, pairs: list[DeidentifiedPair]) -> dict[str, np.ndarray]:
     """The firewall's reference mask of each pair (``.local/reference/<id>.png``,
-    hospital-private): the hospital's annotation where it gave one, else the
+    hospital-private): the (reshaped) erythema map the surrogate was drawn from
+    where there is one, else the hospital's annotation where it gave one, else the
     patient's own differential mask M_orig. A backend that draws the surrogate
-    from the patient's erythema map (the embedded model) puts exactly that
-    erythema into the surrogate, so M_orig labels the surrogate's own redness
-    without the surrogate's healthy-twin errors."""
+    from an erythema map (the embedded model) puts exactly that erythema into the
+    surrogate, so the map labels the surrogate's own redness without the
+    surrogate's healthy-twin errors."""
     from privacy_firewall.images import read_mask_png
 
     folder = output / ".local" / "reference"

@@ -2,9 +2,11 @@
 theta*, the threshold that makes the cohort's surrogate masks agree with it best.
 
 theta* maximises the cohort's mean IoU between the surrogates' differential masks
-and a reference: the supplied ground truth where there is one, otherwise the
-patient's own differential mask M_orig (photo vs its own healthy twin, at
-``firewall.mask.default_threshold``).
+and a reference: the reshaped erythema map a surrogate was drawn from where the
+firewall gave the erythema a new outline (``identity.reshape_erythema``: then the
+photo's own masks are in another geometry), else the supplied ground truth where
+there is one, otherwise the patient's own differential mask M_orig (photo vs its
+own healthy twin, at ``firewall.mask.default_threshold``).
 """
 
 from __future__ import annotations
@@ -30,14 +32,18 @@ class CohortMasks:
 
 
 def reference_masks(results: list[TwinResult], ground_truth: list[np.ndarray | None], mask: MaskSettings) -> tuple[list, str]:
-    """M_orig per image: the supplied ground truth where there is one, else the
-    original identity's own differential mask at the default threshold."""
+    """The reference per image: the reshaped map the surrogate was drawn from, else
+    the supplied ground truth, else the original identity's own differential mask
+    (M_orig) at the default threshold."""
     m = mask
     refs: list[np.ndarray | None] = []
     kinds = set()
     for res, gt in zip(results, ground_truth):
         if not res.ok:
             refs.append(None)
+        elif res.drawn_erythema_map is not None:
+            refs.append(res.drawn_erythema_map)
+            kinds.add("drawn erythema map")
         elif gt is not None:
             refs.append(gt)
             kinds.add("ground truth")

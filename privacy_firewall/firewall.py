@@ -55,12 +55,13 @@ from privacy_firewall.images import (
     Prepared,
     pixel_digest,
     prepare,
+    read_mask_png,
     read_rgb_png,
     to_tensor_batch,
     to_uint8_images,
     write_png,
 )
-from privacy_firewall.masks import a_star_difference, differential_mask
+from privacy_firewall.masks import a_star_difference, differential_mask, reshape_erythema_map
 from privacy_firewall.secret_key import derive_seed, keyed_digest, load_or_create_key
 from privacy_firewall.settings import FirewallSettings
 
@@ -86,6 +87,10 @@ class TwinResult:
     original: np.ndarray | None = None  # the photo at working size
     original_healthy_twin: np.ndarray | None = None
     original_difference: np.ndarray | None = None
+    # The reshaped erythema map the surrogate was drawn from (in its frame), when the
+    # firewall gave the patient's erythema a new outline (identity.reshape_erythema):
+    # then the surrogate's mask is scored against it, not against the photo's.
+    drawn_erythema_map: np.ndarray | None = None
     source_sex: str = ""
     target_sex: str = ""
     identity: tuple[str, ...] = ()  # the drawn identity's phrases
@@ -115,6 +120,7 @@ class FirewallCache:
     killed run leaves either a whole entry or none."""
 
     FILES = ("surrogate", "healthy_twin", "original", "original_healthy_twin")
+    MASKS = ("drawn_erythema_map",)
     META = ("source_sex", "target_sex", "identity", "attempts", "gate_distance", "nfe", "seconds")
 
     def __init__(self, root: str | Path) -> None:
@@ -132,6 +138,8 @@ class FirewallCache:
             meta = json.loads(meta_path.read_text())
             files = {name: d / f"{name}.png" for name in self.FILES if (d / f"{name}.png").exists()}
             arrays = {name: read_rgb_png(path) for name, path in files.items()}
+            arrays.update({name: read_mask_png(d / f"{name}.png") for name in self.MASKS
+                           if (d / f"{name}.png").exists()})
             values = {k: meta[k] for k in self.META}
             values["identity"] = tuple(values["identity"])
             return TwinResult(status="ok", cached=True, files=files, **values, **arrays)
@@ -147,7 +155,7 @@ class FirewallCache:
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{key[:8]}-"))
             try:
-                for name in self.FILES:
+                for name in self.FILES + self.MASKS:
                     img = getattr(result, name)
                     if img is not None:
                         write_png(tmp / f"{name}.png", img)
@@ -359,9 +367,10 @@ class PrivacyFirewall:
             with torch.inference_mode():
                 nfe_before = self.backend.nfe
                 x = self.backend.encode_images(to_tensor_batch([p.pixels for p in prepared]).to(self.backend.device))
+                drawn_maps = None
                 if self.draws_from_map:
-                    surrogate, healthy, original_healthy = self._draw_from_erythema_map(x, plans, sexes, digests, attempt,
-                                                                                       image_size)
+                    surrogate, healthy, original_healthy, drawn_maps = self._draw_from_erythema_map(
+                        x, plans, sexes, digests, attempt, image_size)
                 else:
                     edit = flowedit(self.backend, x, [p[0] for p in plans], [p[1] for p in plans], self.settings.flowedit,
                                     [self.noise_seed(d, attempt) for d in digests], image_size=image_size)
@@ -392,7 +401,7 @@ class PrivacyFirewall:
             res = TwinResult(
                 status="ok", surrogate=surrogate_img, healthy_twin=healthy_img, source_sex=sexes[b],
                 target_sex=plans[b][2], identity=identities[b].phrases if identities[b] else (), nfe=nfe,
-                seconds=seconds,
+                seconds=seconds, drawn_erythema_map=p.crop(drawn_maps[b]) if drawn_maps is not None else None,
             )
             if decoded_original_healthy is not None:
                 res.original = p.crop(original[b])
@@ -406,7 +415,9 @@ class PrivacyFirewall:
         twin by FlowEdit and M_orig from it; the new identity drawn from noise with
         M_orig as its erythema map (the surrogate); then the surrogate's own healthy
         twin by the same FlowEdit from the surrogate (the same secret noise), so the
-        twin keeps the surrogate's identity and loses only the erythema."""
+        twin keeps the surrogate's identity and loses only the erythema. With
+        ``identity.reshape_erythema`` the map gets a secret new outline first; the
+        reshaped maps are returned (else None)."""
         settings = self.settings.flowedit
         noise = [self.noise_seed(d, attempt) for d in digests]
         original_healthy_prompts = [[self.settings.prompts.original_healthy.format(sex=s, target_sex=p[2], identity="")]
@@ -420,6 +431,12 @@ class PrivacyFirewall:
         maps = [differential_mask(a_star_difference(photo, twin, m.signed, m.blur_sigma),
                                   self.settings.identity.erythema_map_threshold, m.open_radius, m.min_component_area)
                 for photo, twin in zip(photos, twins)]
+        identity = self.settings.identity
+        reshaped = None
+        if identity.reshape_erythema:
+            maps = reshaped = [reshape_erythema_map(mp, derive_seed(self.key, "erythema-outline", d, str(attempt)),
+                                                    identity.reshape_displacement, identity.reshape_shift)
+                                for mp, d in zip(maps, digests)]
         erythema_map = torch.from_numpy(np.stack(maps)).float()[:, None].to(x.device)
         # n_max = n_min = steps: FlowEdit degenerates to plain sampling of the target from noise.
         sampling = replace(settings, n_max=settings.steps, n_min=settings.steps)
@@ -429,4 +446,4 @@ class PrivacyFirewall:
         surrogate = drawn.latents[:, 0]
         healthy = flowedit(self.backend, surrogate, [p[1][0] for p in plans], [[p[1][1]] for p in plans], settings,
                            noise, image_size=image_size, target_maps=[torch.zeros_like(erythema_map)])
-        return surrogate, healthy.latents[:, 0], original_healthy
+        return surrogate, healthy.latents[:, 0], original_healthy, reshaped

@@ -56,6 +56,45 @@ def differential_mask(
     return clean_mask(difference > threshold, open_radius, min_component_area)
 
 
+def reshape_erythema_map(erythema_map: np.ndarray, seed: int, displacement: float, shift: float = 0.0) -> np.ndarray:
+    """The erythema map with a new shape that only the seed's owner can predict.
+
+    Why: the exact outline of a patient's erythema names them. A surrogate's
+    differential mask picks its patient's mask out of a gallery by IoU alone,
+    and a hospital's model update, trained on that mask, links to the patient
+    through it (``skinfed-audit``). A surrogate drawn from a reshaped map keeps
+    the erythema's kind and rough extent but not its outline.
+
+    The map is mirrored left-right with probability 1/2, scaled about its
+    centre of mass by a factor in [0.8, 1.25], moved by up to ``shift`` x the
+    image side in each direction, and bent by a smooth random displacement field
+    of amplitude ``displacement`` x the image side."""
+    m = np.asarray(erythema_map, dtype=bool)
+    if not m.any():
+        return m.copy()
+    rng = np.random.default_rng(seed)
+    h, w = m.shape
+    mirror = bool(rng.random() < 0.5)
+    scale = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))
+    # A smooth field: Gaussian values on a 4 x 4 grid, cubic-upsampled; its largest
+    # displacement is ``displacement`` x the side.
+    coarse = rng.normal(size=(2, 4, 4)).astype(np.float32)
+    field = np.stack([cv2.resize(c, (w, h), interpolation=cv2.INTER_CUBIC) for c in coarse])
+    field *= displacement * max(h, w) / max(float(np.abs(field).max()), 1e-6)
+    move_x, move_y = (float(v) for v in rng.uniform(-shift, shift, size=2) * np.array([w, h]))
+    ys, xs = np.nonzero(m)
+    cy, cx = float(ys.mean()), float(xs.mean())
+    v, u = np.mgrid[0:h, 0:w].astype(np.float32)
+    # Inverse map: where each output pixel comes from in the input.
+    src_x = cx + (u - move_x - cx) / scale + field[0]
+    src_y = cy + (v - move_y - cy) / scale + field[1]
+    if mirror:
+        src_x = (w - 1) - src_x
+    out = cv2.remap(m.astype(np.float32), src_x.astype(np.float32), src_y.astype(np.float32), interpolation=cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    return out >= 0.5
+
+
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two boolean masks; two empty masks agree (1.0)."""
     union = np.logical_or(a, b).sum()

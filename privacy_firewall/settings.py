@@ -118,6 +118,14 @@ class IdentitySettings:
     # Threshold (a* units) of the patient's own differential mask M_orig that
     # becomes the erythema map.
     erythema_map_threshold: float
+    # The map is given a new outline (a secret mirror, scale, move and smooth bend,
+    # masks.reshape_erythema_map) before the surrogate is drawn from it: the exact
+    # outline of a patient's erythema names them. Displacement: the bend's
+    # largest shift as a fraction of the image side.
+    reshape_erythema: bool
+    reshape_displacement: float
+    # The largest move of the whole map, likewise a fraction of the image side.
+    reshape_shift: float
     # A surrogate the gate still links to its source is redrawn with a new
     # identity this many times in all before the photo is refused.
     attempts: int
@@ -125,6 +133,11 @@ class IdentitySettings:
     def __post_init__(self) -> None:
         check_choice("firewall.identity.mode", self.mode, ("new_identity", "opposite_sex"))
         check_positive("firewall.identity.attempts", self.attempts)
+        for name in ("reshape_displacement", "reshape_shift"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 0.5:
+                raise ConfigError(f"firewall.identity.{name}={value}: a fraction of the image side in [0, 0.5] "
+                                  "(e.g. 0.1)")
 
 
 @dataclass

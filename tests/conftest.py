@@ -40,6 +40,23 @@ def tiny_embedded_dir(tmp_path_factory, tiny_embedded_backend):
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_map_embedded_dir(tmp_path_factory):
+    """A random-weight embedded model of version 2 at 16x16 (attribute slots and an
+    erythema-map input): the firewall draws the new identity from the patient's map."""
+    from models.attribute_classifier import AttributeClassifier, save_classifier
+    from models.flow_unet import FlowUNet, FlowUNetConfig, save_flow_unet
+
+    torch.manual_seed(0)
+    model = FlowUNet(FlowUNetConfig(image_size=16, channels=(8, 16), blocks_per_level=1, attention_levels=(1,),
+                                    embed_dim=16, conditioning="attribute_slots", slot_dim=4, spatial_channels=2))
+    torch.nn.init.normal_(model.out.weight, std=0.1)
+    folder = tmp_path_factory.mktemp("tiny_map_embedded")
+    save_flow_unet(model, folder)
+    save_classifier(AttributeClassifier(width=8), folder, {})
+    return folder
+
+
 #: Overrides that make every stage tiny: 16-px faces, 4 FlowEdit steps, a small U-Net.
 TINY_OVERRIDES = [
     "firewall.flowedit.steps=4", "firewall.flowedit.n_max=3", "firewall.gate.matcher=none",

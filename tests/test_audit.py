@@ -100,9 +100,20 @@ def test_a_blind_attacker_scores_chance():
     # every candidate scores the same: ties are broken at random
     tied = link_rates(np.zeros((n, n)), members)
     assert tied.top1 == pytest.approx(tied.chance_top1) and tied.top5 == pytest.approx(tied.chance_top5)
-    # scores that ignore the observation: exactly one patient is "found"
+    assert tied.auc == pytest.approx(0.5)
+    # scores that ignore the observation: exactly one patient is "found", and on
+    # average a patient outscores half of the others
     same_ranking = np.tile(np.arange(n, dtype=float), (n, 1))
     assert link_rates(same_ranking, members).top1 == pytest.approx(1 / n)
+    assert link_rates(same_ranking, members).auc == pytest.approx(0.5)
+    # a perfect attacker
+    assert link_rates(np.eye(n), members).auc == pytest.approx(1.0)
+    # the interval holds the rate and narrows with more trials
+    low, high = link_rates(same_ranking, members).top1_ci95
+    assert low < 1 / n < high
+    from skinfed.audit.linkage import wilson_interval
+
+    assert np.subtract(*wilson_interval(0.1, 400)[::-1]) < np.subtract(*wilson_interval(0.1, 16)[::-1])
 
 
 def test_batches_count_only_non_members_as_rivals():
@@ -196,6 +207,7 @@ def test_the_audit_runs_end_to_end_on_a_tiny_model(tmp_path):
     result = run_audit(data, models, settings, epsilon_fn=lambda z, delta, rounds: rounds / z)
     summary = result.report["summary"]
     for key in ("linkage_top1_raw", "linkage_top1_firewall", "linkage_top5_firewall", "linkage_chance",
+                "linkage_top1_firewall_erythema_only", "linkage_top1_firewall_image_only",
                 "inversion_psnr_patient", "inversion_verdict", "budget"):
         assert key in summary
     assert summary["linkage_top1_raw_seed_known"] == 1.0  # raw photos + known seed: the replay is exact
@@ -209,3 +221,35 @@ def test_the_audit_runs_end_to_end_on_a_tiny_model(tmp_path):
     paths = write_report(tmp_path, result.report, result.images, data.originals, data.surrogates)
     assert json.loads(open(paths["report"]).read())["summary"]["budget"]["inversion_iterations"] == 5
     assert open(paths["figure"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_controls_say_what_carries_the_link():
+    """A hospital that trains on the gallery's average face with its patient's mask
+    is found by the erythema-only replay; one that trains on the patient's photo
+    with one shared mask is found by the image-only replay."""
+    images, masks = _gallery(8, seed=11)
+    average_face = np.mean(np.stack(images).astype(np.float64), axis=0).round().astype(np.uint8)
+    shared = np.mean(np.stack(masks).astype(np.float64), axis=0) >= 0.25  # the audit's shared mask
+    models = AuditModels(initial=_tiny_unet(), trained=None, loss_fn=nn.BCEWithLogitsLoss(), train=_tiny_training)
+    settings = AuditSettings(fedsgd_batch_sizes=(1,), hospital_seed=5, other_seed=6, inversion_patients=0,
+                             noise_multipliers=(0.0,), num_sampled_clients=2)
+
+    erythema = AuditData(originals=images, original_masks=masks, surrogates=[average_face] * 8, surrogate_masks=masks)
+    summary = run_audit(erythema, models, settings).report["summary"]
+    assert summary["linkage_top1_firewall_erythema_only"] >= 0.75
+    image = AuditData(originals=images, original_masks=masks, surrogates=images, surrogate_masks=[shared] * 8)
+    summary = run_audit(image, models, settings).report["summary"]
+    assert summary["linkage_top1_firewall_image_only"] >= 0.75
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_the_audit_says_when_the_device_it_is_asked_for_is_not_there(capsys):
+    from skinfed.audit.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--device", "cuda", "--iterations", "10000"])
+    assert stop.value.code == 2
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--device", "gpu0"])
+    assert "not a torch device" in capsys.readouterr().err

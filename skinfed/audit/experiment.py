@@ -19,6 +19,10 @@ Updates attacked:
   the attacker's replay of the same local training on each candidate, with the
   hospital's training seed (an attacker who knows it: the project derived it
   from public values before issue 13), or with another seed (it is secret);
+* ``fedavg_replay_erythema_only`` / ``_image_only``: controls of what carries the
+  link: the attacker replays each candidate's mask on the gallery's average face
+  (the erythema alone), or each candidate's photo with one shared mask (the image
+  alone);
 * ``pixel_nearest_neighbour``: no attack, the surrogate's own pixel-nearest
   original, the reference the update attacks should be read against.
 
@@ -33,6 +37,7 @@ image at the initial model, with the raw photo's gradient as positive control.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -109,6 +114,7 @@ class AuditSettings:
     other_seed: int = 1  # what an attacker replays with when the hospital's seed is secret (any other seed)
     inversion: InversionBudget = field(default_factory=InversionBudget)
     inversion_patients: int = 1  # 0 skips the inversion
+    inversion_device: str = "cpu"  # where the inversion runs ("cuda" for the literature's 10k+ iterations)
     noise_multiplier: float = 1.0  # the DP setting of the headline numbers
     noise_multipliers: tuple[float, ...] = (0.0, 0.001, 0.01, 0.1, 1.0)  # the sweep (0 = clipping only)
     clipping_norm: float | None = None  # of FedAvg updates; None = median norm of the hospitals' updates
@@ -246,20 +252,31 @@ def run_audit(data: AuditData, models: AuditModels, settings: AuditSettings,
     observed_raw_secret = replay_secret_updates[:p]
     clock.lap("fedavg_local_training")
 
+    # Controls: what carries the link? Replays of every candidate on the gallery's
+    # average face with the candidate's mask (the erythema alone), and on the
+    # candidate's photo with one shared mask (the image alone).
+    average_face = np.mean(np.stack(gallery).astype(np.float64), axis=0).round().astype(np.uint8)
+    replay_mask_only = _signatures(local_updates([average_face] * len(gallery), gallery_masks, settings.other_seed,
+                                                 "replays (erythema only)"), state_names)
+    replay_image_only = _signatures(local_updates(gallery, shared, settings.other_seed, "replays (image only)"),
+                                    state_names)
+    clock.lap("fedavg_controls")
+
     replay_known = _signatures(replay_known_updates, state_names)
     replay_secret = _signatures(replay_secret_updates, state_names)
     obs_fw, obs_raw = _signatures(observed_firewall, state_names), _signatures(observed_raw, state_names)
     obs_raw_secret = _signatures(observed_raw_secret, state_names)
     del replay_secret_updates, observed_raw_secret  # only their signatures are needed from here on
-    linkage["fedavg_replay_seed_known"] = {
-        "firewall": link_rates(similarity_matrix(obs_fw, replay_known), trials_b1),
-        "raw": link_rates(similarity_matrix(obs_raw, replay_known), trials_b1),
-    }
-    linkage["fedavg_replay_seed_secret"] = {
-        # the hospital trained with its seed, the attacker replays with another one
-        "firewall": link_rates(similarity_matrix(obs_fw, replay_secret), trials_b1),
-        "raw": link_rates(similarity_matrix(obs_raw_secret, replay_known), trials_b1),
-    }
+    def replay_linkage(firewall_candidates: torch.Tensor, raw: torch.Tensor,
+                       raw_candidates: torch.Tensor) -> dict[str, LinkageResult]:
+        return {"firewall": link_rates(similarity_matrix(obs_fw, firewall_candidates), trials_b1),
+                "raw": link_rates(similarity_matrix(raw, raw_candidates), trials_b1)}
+
+    linkage["fedavg_replay_seed_known"] = replay_linkage(replay_known, obs_raw, replay_known)
+    # The hospital trained with its seed, the attacker replays with another one.
+    linkage["fedavg_replay_seed_secret"] = replay_linkage(replay_secret, obs_raw_secret, replay_known)
+    linkage["fedavg_replay_erythema_only"] = replay_linkage(replay_mask_only, obs_raw_secret, replay_mask_only)
+    linkage["fedavg_replay_image_only"] = replay_linkage(replay_image_only, obs_raw_secret, replay_image_only)
     # An attacker who does not replay: the update moves against the gradient.
     candidates_initial = candidate_sigs["initial"]
     linkage["fedavg_gradient"] = {
@@ -319,29 +336,21 @@ def run_audit(data: AuditData, models: AuditModels, settings: AuditSettings,
     start = None
     if settings.inversion.start == "average_face":
         start = np.mean(np.stack(gallery).astype(np.float64), axis=0).round().astype(np.uint8)
+    # The attack model (the server knows it) where the inversion runs; its gradients are
+    # those computed above, on the CPU, as the hospital sent them.
+    attack_model = models.initial
+    if settings.inversion_patients > 0 and settings.inversion_device != "cpu":
+        attack_model = copy.deepcopy(models.initial).to(settings.inversion_device)
     for i in range(min(settings.inversion_patients, p)):
-        entry: dict = {"patient": i}
-        runs = [("firewall", gradient_b1["initial"]["firewall"][i], data.surrogate_masks[i], data.surrogates[i]),
-                ("raw", gradient_b1["initial"]["raw"][i], gallery_masks[i], gallery[i])]
-        for kind, observed, mask, reference in runs:
-            recon, trace = invert_gradient(models.initial, models.loss_fn, observed, mask, gallery[i].shape[0],
-                                           settings.inversion, progress_label=f"inversion {kind} #{i}", start=start)
-            score = score_reconstruction(recon, reference, gallery, i)
-            entry[kind] = {**score.to_dict(), "trace": trace}
-            images[f"reconstruction_{kind}_{i}"] = recon
-            (attack_ok if kind == "firewall" else control_ok).append(score.identifies_patient)
-        # With DP on, run the attack only where the control shows it works at this budget.
-        if control_ok[-1]:
-            noised = dp_view.observed_under_central_dp(gradient_b1["initial"]["firewall"][i], clip_grad,
-                                                       settings.noise_multiplier, n, rng)
-            recon, trace = invert_gradient(models.initial, models.loss_fn, noised, data.surrogate_masks[i],
-                                           gallery[i].shape[0], settings.inversion, progress_label=f"inversion dp #{i}",
-                                           start=start)
-            score = score_reconstruction(recon, data.surrogates[i], gallery, i)
-            entry["firewall_dp"] = {**score.to_dict(), "trace": trace}
-            images[f"reconstruction_firewall_dp_{i}"] = recon
-            dp_attack_ok.append(score.identifies_patient)
-        images[f"patient_{i}"], images[f"surrogate_{i}"] = gallery[i], data.surrogates[i]
+        entry, entry_images = invert_patient(
+            data, i, attack_model, models.loss_fn, gradient_b1["initial"]["firewall"][i],
+            gradient_b1["initial"]["raw"][i], settings.inversion, start=start,
+            add_dp_noise=lambda g: dp_view.observed_under_central_dp(g, clip_grad, settings.noise_multiplier, n, rng))
+        attack_ok.append(entry["firewall"]["identifies_patient"])
+        control_ok.append(entry["raw"]["identifies_patient"])
+        if "firewall_dp" in entry:
+            dp_attack_ok.append(entry["firewall_dp"]["identifies_patient"])
+        images.update(entry_images)
         inversion["patients"].append(entry)
     if inversion["patients"]:
         inversion["verdict_firewall"] = verdict(attack_ok, control_ok)
@@ -365,6 +374,34 @@ def run_audit(data: AuditData, models: AuditModels, settings: AuditSettings,
     return AuditResult(report=report, images=images)
 
 
+def invert_patient(data: AuditData, i: int, attack_model: nn.Module, loss_fn: nn.Module, gradient_firewall: Update,
+                   gradient_raw: Update, budget: InversionBudget, start: np.ndarray | None = None,
+                   add_dp_noise: Callable[[Update], Update] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Invert patient ``i``'s one-step gradients: the surrogate's (the attack) and
+    the raw photo's (the positive control, same budget); with ``add_dp_noise``, the
+    surrogate's gradient after DP's clipping and noise too, where the control shows
+    the attack works at this budget. Returns the report entry and its images."""
+    gallery = data.originals
+    entry: dict = {"patient": i}
+    images: dict[str, np.ndarray] = {}
+    runs = [("firewall", gradient_firewall, data.surrogate_masks[i], data.surrogates[i]),
+            ("raw", gradient_raw, data.original_masks[i], gallery[i])]
+    if add_dp_noise is not None:
+        runs.append(("firewall_dp", None, data.surrogate_masks[i], data.surrogates[i]))
+    for kind, observed, mask, reference in runs:
+        if kind == "firewall_dp":
+            if not entry["raw"]["identifies_patient"]:
+                break  # nothing to learn: the attack fails even without noise
+            observed = add_dp_noise(gradient_firewall)
+        recon, trace = invert_gradient(attack_model, loss_fn, observed, mask, gallery[i].shape[0], budget,
+                                       progress_label=f"inversion {kind} #{i}", start=start)
+        score = score_reconstruction(recon, reference, gallery, i)
+        entry[kind] = {**score.to_dict(), "trace": trace}
+        images[f"reconstruction_{kind}_{i}"] = recon
+    images[f"patient_{i}"], images[f"surrogate_{i}"] = gallery[i], data.surrogates[i]
+    return entry, images
+
+
 def summarise(report: dict) -> dict:
     """The headline numbers (the command's last stdout line)."""
     link = report["linkage"]
@@ -379,11 +416,18 @@ def summarise(report: dict) -> dict:
         "linkage_top1_raw": link["fedavg_replay_seed_secret"]["raw"]["top1"],
         "linkage_top1_firewall": link["fedavg_replay_seed_secret"]["firewall"]["top1"],
         "linkage_top5_firewall": link["fedavg_replay_seed_secret"]["firewall"]["top5"],
+        "linkage_top1_firewall_ci95": link["fedavg_replay_seed_secret"]["firewall"]["top1_ci95"],
+        # how often the patient outscores a candidate it is not (0.5 = chance, any gallery size)
+        "linkage_auc_raw": link["fedavg_replay_seed_secret"]["raw"]["auc"],
+        "linkage_auc_firewall": link["fedavg_replay_seed_secret"]["firewall"]["auc"],
         # ... with the hospital's seed (an attacker who knows it)
         "linkage_top1_raw_seed_known": link["fedavg_replay_seed_known"]["raw"]["top1"],
         "linkage_top1_firewall_seed_known": link["fedavg_replay_seed_known"]["firewall"]["top1"],
         # ... without replay: candidates' one-step gradients
         "linkage_top1_firewall_no_replay": link["fedavg_gradient"]["firewall"]["top1"],
+        # ... what carries the link: the erythema alone, the image alone
+        "linkage_top1_firewall_erythema_only": link["fedavg_replay_erythema_only"]["firewall"]["top1"],
+        "linkage_top1_firewall_image_only": link["fedavg_replay_image_only"]["firewall"]["top1"],
         # DP on (seed known, the strongest case); the server's own view is clipped, not noised
         "linkage_top1_raw_dp": link["fedavg_replay_seed_known_dp"]["raw"]["top1"],
         "linkage_top1_firewall_dp": link["fedavg_replay_seed_known_dp"]["firewall"]["top1"],

@@ -65,13 +65,17 @@ class LinkageResult:
 
     ``top1``/``top5``: fraction of patients scored above all (above all but at most
     4) candidates the hospital did not train on; ``chance``: the same for a blind
-    attacker; ``ranks``: each patient's expected number of non-member candidates
-    ranked above it (0 = linked)."""
+    attacker; ``auc``: how often the patient outscores a candidate the hospital did
+    not train on (0.5 for a blind attacker, whatever the gallery's size: the number
+    to compare across galleries); ``ranks``: each patient's expected number of
+    non-member candidates ranked above it (0 = linked)."""
 
     top1: float
     top5: float
     chance_top1: float
     chance_top5: float
+    auc: float
+    top1_ci95: tuple[float, float]  # Wilson interval of top1 over the patients (16 trials: about +-0.15)
     ranks: list[float]
     num_patients: int
     num_candidates: int
@@ -89,6 +93,15 @@ def top_k_probability(member_score: float, non_member_scores: np.ndarray, k: int
     return float(np.clip((k - higher) / (equal + 1), 0.0, 1.0))
 
 
+def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a rate observed over ``n`` trials."""
+    if n == 0:
+        return (0.0, 1.0)
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (round(float(max(0.0, centre - half)), 4), round(float(min(1.0, centre + half)), 4))
+
+
 def link_rates(scores: np.ndarray, members: Sequence[Sequence[int]], k: int = 5) -> LinkageResult:
     """Link rates from a score matrix ``scores[observation, candidate]`` (higher =
     more similar) and, per observation, the candidates the hospital trained on."""
@@ -96,7 +109,7 @@ def link_rates(scores: np.ndarray, members: Sequence[Sequence[int]], k: int = 5)
     if scores.ndim != 2 or scores.shape[0] != len(members):
         raise ValueError(f"scores {scores.shape} do not match {len(members)} observations")
     n_candidates = scores.shape[1]
-    top1, topk, chance1, chancek, ranks = [], [], [], [], []
+    top1, topk, chance1, chancek, ranks, auc = [], [], [], [], [], []
     for row, member_set in zip(scores, members):
         member_set = sorted(set(member_set))
         if not member_set:
@@ -109,8 +122,10 @@ def link_rates(scores: np.ndarray, members: Sequence[Sequence[int]], k: int = 5)
             chance1.append(1.0 / (m + 1))
             chancek.append(min(k, m + 1) / (m + 1))
             ranks.append(float((non_members > row[t]).sum() + 0.5 * (non_members == row[t]).sum()))
+            auc.append(1.0 - ranks[-1] / m if m else 1.0)
     return LinkageResult(
         top1=float(np.mean(top1)), top5=float(np.mean(topk)), chance_top1=float(np.mean(chance1)),
-        chance_top5=float(np.mean(chancek)), ranks=ranks, num_patients=len(top1), num_candidates=n_candidates,
+        chance_top5=float(np.mean(chancek)), auc=float(np.mean(auc)),
+        top1_ci95=wilson_interval(float(np.mean(top1)), len(top1)), ranks=ranks, num_patients=len(top1), num_candidates=n_candidates,
         scores=scores.round(6).tolist(),
     )

@@ -1,0 +1,132 @@
+"""The erythema's secret new outline: the exact outline of a patient's erythema
+names them, so the firewall draws the surrogate from a reshaped map, and its
+mask is scored against that map, not against the photo's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from privacy_firewall.calibration import reference_masks
+from privacy_firewall.firewall import PhotoRequest, PrivacyFirewall
+from privacy_firewall.masks import a_star_difference, differential_mask, iou, reshape_erythema_map
+from privacy_firewall.secret_key import derive_seed
+from privacy_firewall.settings import ConfigError, load_firewall_settings
+from synthetic_clinic import render_subject
+
+
+def clinic_masks(n: int, size: int = 64) -> list[np.ndarray]:
+    return [render_subject(3, i, size).mask for i in range(n)]
+
+
+def test_the_outline_is_the_seeds_and_the_extent_is_kept():
+    mask = next(m for m in clinic_masks(8) if m.sum() > 50)
+    a, b = reshape_erythema_map(mask, 1, 0.1), reshape_erythema_map(mask, 1, 0.1)
+    assert a.dtype == bool and a.shape == mask.shape
+    assert np.array_equal(a, b)  # the same seed, the same outline
+    outlines = [reshape_erythema_map(mask, seed, 0.1) for seed in range(2, 22)]
+    assert len({o.tobytes() for o in outlines}) == len(outlines)  # other seeds, other outlines
+    # The rough extent stays (scale 0.8-1.25: area x 0.64-1.56; the bend stretches or squeezes too)...
+    ratios = [o.sum() / mask.sum() for o in outlines]
+    assert 0.4 < min(ratios) and max(ratios) < 2.5
+    # ... the outline does not.
+    assert np.mean([iou(o, mask) for o in outlines]) < 0.6
+    assert not reshape_erythema_map(np.zeros((16, 16), bool), 3, 0.1).any()
+
+
+def test_a_reshaped_mask_no_longer_finds_its_patient_in_a_gallery():
+    """Nearest neighbour by IoU over a gallery of the clinic's masks: the photo's own
+    outline finds its patient every time; an outline reshaped with the shipped
+    settings rarely does."""
+    identity = load_firewall_settings([]).identity
+    assert identity.reshape_erythema
+    gallery = [m for m in clinic_masks(40) if m.any()]
+    n = len(gallery)
+
+    def link_rate(queries: list[np.ndarray]) -> float:
+        return float(np.mean([int(np.argmax([iou(q, g) for g in gallery])) == i for i, q in enumerate(queries)]))
+
+    assert link_rate(gallery) == 1.0
+    reshaped = link_rate([reshape_erythema_map(m, 1000 + i, identity.reshape_displacement, identity.reshape_shift)
+                          for i, m in enumerate(gallery)])
+    assert reshaped < 0.2, f"{reshaped:.2f} of {n} reshaped masks still find their patient"
+
+
+def test_displacement_is_checked():
+    with pytest.raises(ConfigError, match="reshape_displacement"):
+        load_firewall_settings(["firewall.identity.reshape_displacement=0.9"])
+
+
+def map_settings(model_dir, tmp_path, *extra):
+    # A low map threshold: the tiny random model's twins differ from the photo by little.
+    return load_firewall_settings([
+        f"firewall.backend.model_path={model_dir}", "firewall.flowedit.steps=4", "firewall.flowedit.n_max=3",
+        f"firewall.key_file={tmp_path / 'key'}", f"firewall.cache_dir={tmp_path / 'cache'}",
+        "firewall.gate.matcher=none", "firewall.gate.require_matcher=false",
+        "firewall.gate.out_of_distribution_check=false", "firewall.identity.erythema_map_threshold=0.0", *extra])
+
+
+def test_the_surrogate_is_drawn_from_the_reshaped_map(tiny_map_embedded_dir, tmp_path):
+    settings = map_settings(tiny_map_embedded_dir, tmp_path)
+    firewall = PrivacyFirewall(settings)
+    assert firewall.draws_from_map
+    photos = [render_subject(5, i, 16).pathological for i in range(3)]
+    requests = [PhotoRequest(p, "woman") for p in photos]
+    results = firewall.run(requests)
+    m = settings.mask
+    for req, res in zip(requests, results):
+        assert res.ok and res.drawn_erythema_map is not None
+        # The map is the patient's own (photo vs its healthy twin), reshaped with a seed under the key.
+        own = differential_mask(a_star_difference(res.original, res.original_healthy_twin, m.signed, m.blur_sigma),
+                                settings.identity.erythema_map_threshold, m.open_radius, m.min_component_area)
+        assert own.any()
+        seed = derive_seed(firewall.key, "erythema-outline", req.digest, str(res.attempts - 1))
+        expected = reshape_erythema_map(own, seed, settings.identity.reshape_displacement,
+                                        settings.identity.reshape_shift)
+        assert np.array_equal(res.drawn_erythema_map, expected)
+    assert any(not np.array_equal(r.drawn_erythema_map, r.original_difference > 0) for r in results)
+    # The cache keeps the map, and calibration scores the surrogate's mask against it.
+    again = PrivacyFirewall(settings).run(requests)
+    assert all(r.cached for r in again)
+    assert all(np.array_equal(a.drawn_erythema_map, b.drawn_erythema_map) for a, b in zip(results, again))
+    refs, kind = reference_masks(again, [np.ones((16, 16), bool)] * 3, settings.mask)
+    assert kind == "drawn erythema map"
+    assert all(np.array_equal(ref, r.drawn_erythema_map) for ref, r in zip(refs, again))
+
+
+def test_keeping_the_outline_is_a_setting(tiny_map_embedded_dir, tmp_path):
+    settings = map_settings(tiny_map_embedded_dir, tmp_path, "firewall.identity.reshape_erythema=false")
+    res = PrivacyFirewall(settings).run([PhotoRequest(render_subject(5, 0, 16).pathological, "woman")])[0]
+    assert res.ok and res.drawn_erythema_map is None
+    gt = render_subject(5, 0, 16).mask
+    _, kind = reference_masks([res], [gt], settings.mask)
+    assert kind == "ground truth"
+
+
+def test_a_hospital_trains_on_labels_that_lie_on_the_reshaped_erythema(tiny_map_embedded_dir, tmp_path, monkeypatch):
+    """Through the hospital's own pipeline: the reference labels are the maps the
+    surrogates were drawn from, and the source photos' ground truth, which no
+    longer lies on the surrogate's erythema, is refused with the fix named."""
+    from dataclasses import replace
+
+    from client.hospital import load_hospital, node_dir, prepare_hospital
+    from privacy_firewall.images import read_mask_png
+    from skinfed.config import load_run_config
+    from skinfed.data import synthetic_hospitals
+    from tests.conftest import TINY_OVERRIDES
+
+    monkeypatch.setenv("SKINFED_HOME", str(tmp_path / "home"))
+    cfg = load_run_config([f"firewall.backend.model_path={tiny_map_embedded_dir}", *TINY_OVERRIDES,
+                           "firewall.gate.out_of_distribution_check=false",
+                           "firewall.identity.erythema_map_threshold=0.0"])
+    folder = synthetic_hospitals(cfg, 2)[0]
+    prepare_hospital(cfg, folder)
+    reference = load_hospital(replace(cfg, data=replace(cfg.data, label_source="reference")), folder)
+    maps = node_dir(cfg, folder) / "firewall" / ".local" / "reference"
+    assert reference.train
+    for pair in reference.train:
+        np.testing.assert_array_equal(pair.mask, read_mask_png(maps / f"{pair.id}.png"))
+    report = (node_dir(cfg, folder) / "firewall" / "report.json").read_text()
+    assert "drawn erythema map" in report
+    with pytest.raises(ValueError, match="reshape_erythema"):
+        load_hospital(replace(cfg, data=replace(cfg.data, label_source="ground_truth")), folder)
