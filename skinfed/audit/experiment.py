@@ -190,6 +190,8 @@ def run_audit(data: AuditData, models: AuditModels, settings: AuditSettings,
     linkage: dict[str, dict[str, LinkageResult]] = {}
     norms: dict[str, float] = {}
 
+    # The gallery's average face: the erythema-only control's image and an inversion start.
+    average_face = np.mean(np.stack(gallery).astype(np.float64), axis=0).round().astype(np.uint8)
     x0, y0 = to_tensors(gallery[:1], gallery_masks[:1])
     names = used_parameters(models.initial, models.loss_fn, x0, y0)
     state_names = shared_state_names(models.initial, names)
@@ -255,7 +257,6 @@ def run_audit(data: AuditData, models: AuditModels, settings: AuditSettings,
     # Controls: what carries the link? Replays of every candidate on the gallery's
     # average face with the candidate's mask (the erythema alone), and on the
     # candidate's photo with one shared mask (the image alone).
-    average_face = np.mean(np.stack(gallery).astype(np.float64), axis=0).round().astype(np.uint8)
     replay_mask_only = _signatures(local_updates([average_face] * len(gallery), gallery_masks, settings.other_seed,
                                                  "replays (erythema only)"), state_names)
     replay_image_only = _signatures(local_updates(gallery, shared, settings.other_seed, "replays (image only)"),
@@ -333,9 +334,7 @@ def run_audit(data: AuditData, models: AuditModels, settings: AuditSettings,
     control_ok: list[bool] = []
     attack_ok: list[bool] = []
     dp_attack_ok: list[bool] = []
-    start = None
-    if settings.inversion.start == "average_face":
-        start = np.mean(np.stack(gallery).astype(np.float64), axis=0).round().astype(np.uint8)
+    start = average_face if settings.inversion.start == "average_face" else None
     # The attack model (the server knows it) where the inversion runs; its gradients are
     # those computed above, on the CPU, as the hospital sent them.
     attack_model = models.initial
@@ -384,20 +383,18 @@ def invert_patient(data: AuditData, i: int, attack_model: nn.Module, loss_fn: nn
     gallery = data.originals
     entry: dict = {"patient": i}
     images: dict[str, np.ndarray] = {}
-    runs = [("firewall", gradient_firewall, data.surrogate_masks[i], data.surrogates[i]),
-            ("raw", gradient_raw, data.original_masks[i], gallery[i])]
-    if add_dp_noise is not None:
-        runs.append(("firewall_dp", None, data.surrogate_masks[i], data.surrogates[i]))
-    for kind, observed, mask, reference in runs:
-        if kind == "firewall_dp":
-            if not entry["raw"]["identifies_patient"]:
-                break  # nothing to learn: the attack fails even without noise
-            observed = add_dp_noise(gradient_firewall)
+
+    def attack(kind: str, observed: Update, mask: np.ndarray, reference: np.ndarray) -> None:
         recon, trace = invert_gradient(attack_model, loss_fn, observed, mask, gallery[i].shape[0], budget,
                                        progress_label=f"inversion {kind} #{i}", start=start)
-        score = score_reconstruction(recon, reference, gallery, i)
-        entry[kind] = {**score.to_dict(), "trace": trace}
+        entry[kind] = {**score_reconstruction(recon, reference, gallery, i).to_dict(), "trace": trace}
         images[f"reconstruction_{kind}_{i}"] = recon
+
+    attack("firewall", gradient_firewall, data.surrogate_masks[i], data.surrogates[i])
+    attack("raw", gradient_raw, data.original_masks[i], gallery[i])
+    # DP only where the control shows the attack works at this budget (else nothing to learn).
+    if add_dp_noise is not None and entry["raw"]["identifies_patient"]:
+        attack("firewall_dp", add_dp_noise(gradient_firewall), data.surrogate_masks[i], data.surrogates[i])
     images[f"patient_{i}"], images[f"surrogate_{i}"] = gallery[i], data.surrogates[i]
     return entry, images
 
