@@ -133,10 +133,10 @@ def label_masks(cfg: RunConfig, output: Path, pairs: list[DeidentifiedPair],
     # surrogate keeps the source's erythema map); resized to the surrogate.
     if "drawn erythema map" in str(_cohort(output).get("reference", "")):
         raise ValueError(
-            "data.label_source=ground_truth: the firewall gave the erythema a secret new outline "
-            "(firewall.identity.reshape_erythema=true), so the source photo's mask no longer lies on the surrogate's "
+            "data.label_source=ground_truth: the firewall gave the erythema a secret new layout "
+            "(firewall.identity.erythema_layout=redrawn or reshaped), so the source photo's mask no longer lies on the surrogate's "
             "erythema; use data.label_source=reference (the map the surrogate was drawn from), or "
-            "firewall.identity.reshape_erythema=false to compare with the ground truth")
+            "firewall.identity.erythema_layout=kept to compare with the ground truth")
     import csv
 
     import cv2
@@ -166,7 +166,7 @@ def _cohort(output: Path) -> dict:
 
 def reference_labels(output: Path, pairs: list[DeidentifiedPair]) -> dict[str, np.ndarray]:
     """The firewall's reference mask of each pair (``.local/reference/<id>.png``,
-    hospital-private): the (reshaped) erythema map the surrogate was drawn from
+    hospital-private): the erythema map (in its new layout) the surrogate was drawn from
     where there is one, else the hospital's annotation where it gave one, else the
     patient's own differential mask M_orig. A backend that draws the surrogate
     from an erythema map (the embedded model) puts exactly that erythema into the

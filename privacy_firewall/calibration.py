@@ -2,8 +2,8 @@
 theta*, the threshold that makes the cohort's surrogate masks agree with it best.
 
 theta* maximises the cohort's mean IoU between the surrogates' differential masks
-and a reference: the reshaped erythema map a surrogate was drawn from where the
-firewall gave the erythema a new outline (``identity.reshape_erythema``: then the
+and a reference: the erythema map a surrogate was drawn from where the firewall
+gave the erythema a new layout (``identity.erythema_layout``: then the
 photo's own masks are in another geometry), else the supplied ground truth where
 there is one, otherwise the patient's own differential mask M_orig (photo vs its
 own healthy twin, at ``firewall.mask.default_threshold``).
@@ -32,7 +32,7 @@ class CohortMasks:
 
 
 def reference_masks(results: list[TwinResult], ground_truth: list[np.ndarray | None], mask: MaskSettings) -> tuple[list, str]:
-    """The reference per image: the reshaped map the surrogate was drawn from, else
+    """The reference per image: the map the surrogate was drawn from (new layout), else
     the supplied ground truth, else the original identity's own differential mask
     (M_orig) at the default threshold."""
     m = mask

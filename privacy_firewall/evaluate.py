@@ -104,7 +104,7 @@ def evaluate(settings: FirewallSettings, n: int, out: Path, clinic_seed: int = 7
     m_orig = {i: differential_mask(results[i].original_difference, m.default_threshold, **clean) for i in ok}
     # theta* as a hospital calibrates it (privacy_firewall.calibration): against the map the
     # surrogate was drawn from where the erythema got a new outline, else against M_orig.
-    reshaped = any(results[i].drawn_erythema_map is not None for i in ok)
+    new_layout = any(results[i].drawn_erythema_map is not None for i in ok)
     reference = {i: results[i].drawn_erythema_map if results[i].drawn_erythema_map is not None else m_orig[i]
                  for i in ok}
     calibration = calibrate_threshold([results[i].a_star_difference for i in ok], [reference[i] for i in ok],
@@ -161,16 +161,16 @@ def evaluate(settings: FirewallSettings, n: int, out: Path, clinic_seed: int = 7
         "n_subjects": n,
         "n_ok": len(ok),
         **{k: v for k, v in judged.items() if k != "classifier_accuracy" and k != "note"},
-        # With a reshaped erythema (identity.reshape_erythema) the surrogate's mask is in a
+        # With a new erythema layout (identity.erythema_layout) the surrogate's mask is in a
         # new outline by design: iou_syn_gt / iou_orig_syn then measure how far the
         # outline moved, and iou_syn_map is the label's quality.
-        "erythema_reshaped": reshaped,
+        "erythema_layout": settings.identity.erythema_layout if new_layout else "kept",
         "iou_syn_gt": _mean(iou_syn_gt),
         "iou_syn_gt_std": _std(iou_syn_gt),
         "iou_orig_gt": _mean([iou(m_orig[i], truth[i]) for i in ok]),
         "iou_orig_syn": _mean([iou(m_orig[i], m_syn[i]) for i in ok]),
         # The mask where it is used: against the erythema map the surrogate was
-        # drawn with (the patient's M_orig, reshaped where it was), i.e. is the
+        # drawn with (the patient's M_orig, in its new layout where it has one), i.e. is the
         # label right for its image.
         "iou_syn_map": _mean([iou(m_syn[i], erythema_map(results[i], settings)) for i in ok]),
         "n_failed": n - len(ok),
@@ -202,7 +202,7 @@ def evaluate(settings: FirewallSettings, n: int, out: Path, clinic_seed: int = 7
     from privacy_firewall import figures
 
     figures.calibration_figure(calibration.thresholds, calibration.iou_curve, theta, out / "calibration.png",
-                               "drawn (reshaped) erythema map" if reshaped else "original differential mask")
+                               "drawn erythema map (new layout)" if new_layout else "original differential mask")
     if attacks:
         metrics.update(attack_report(firewall, subjects, results, ok, m_syn, out, clinic_seed, attack_train, progress))
     atomic_write_json(out / "evaluate.json", {**metrics, "per_subject_iou_syn_gt": [round(v, 4) for v in iou_syn_gt]})

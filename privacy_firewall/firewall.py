@@ -61,7 +61,7 @@ from privacy_firewall.images import (
     to_uint8_images,
     write_png,
 )
-from privacy_firewall.masks import a_star_difference, differential_mask, reshape_erythema_map
+from privacy_firewall.masks import a_star_difference, differential_mask, redraw_erythema_map, reshape_erythema_map
 from privacy_firewall.secret_key import derive_seed, keyed_digest, load_or_create_key
 from privacy_firewall.settings import FirewallSettings
 
@@ -87,9 +87,9 @@ class TwinResult:
     original: np.ndarray | None = None  # the photo at working size
     original_healthy_twin: np.ndarray | None = None
     original_difference: np.ndarray | None = None
-    # The reshaped erythema map the surrogate was drawn from (in its frame), when the
-    # firewall gave the patient's erythema a new outline (identity.reshape_erythema):
-    # then the surrogate's mask is scored against it, not against the photo's.
+    # The erythema map the surrogate was drawn from (in its frame), when the firewall
+    # gave the patient's erythema a new layout (identity.erythema_layout redrawn or
+    # reshaped): then the surrogate's mask is scored against it, not the photo's.
     drawn_erythema_map: np.ndarray | None = None
     source_sex: str = ""
     target_sex: str = ""
@@ -228,12 +228,22 @@ class PrivacyFirewall:
             "working_size": self.working_size,
             "flowedit": d["flowedit"],
             "prompts": d["prompts"],
-            "identity": d["identity"],
+            "identity": self._identity_description(d["identity"]),
             "gate": self.gate.description,
             "fallback_target_sex": s.fallback_target_sex,
             "original_healthy_twin": s.original_healthy_twin,
-            "version": 2,
+            "version": 3,  # the firewall's algorithm: bump when the same settings give other pixels
         }
+
+    def _identity_description(self, identity: dict) -> dict:
+        """The identity settings that change pixels: the erythema layout's only where
+        a map is drawn, and only the chosen layout's (so changing another layout's
+        settings does not throw the cache away)."""
+        layout_keys = {"kept": (), "reshaped": ("reshape_displacement", "reshape_shift"),
+                       "redrawn": ("reshape_displacement", "redraw_patches", "redraw_area", "redraw_region")}
+        used = ("erythema_layout", *layout_keys[identity["erythema_layout"]]) if self.draws_from_map else ()
+        every = {"erythema_layout", *(k for keys in layout_keys.values() for k in keys)}
+        return {k: v for k, v in identity.items() if k not in every or k in used}
 
     def cache_key(self, digest: str, source_sex: str) -> str:
         return keyed_digest(self.key, "cache", digest, source_sex, self._fingerprint_json()).hex()
@@ -416,8 +426,8 @@ class PrivacyFirewall:
         M_orig as its erythema map (the surrogate); then the surrogate's own healthy
         twin by the same FlowEdit from the surrogate (the same secret noise), so the
         twin keeps the surrogate's identity and loses only the erythema. With
-        ``identity.reshape_erythema`` the map gets a secret new outline first; the
-        reshaped maps are returned (else None)."""
+        ``identity.erythema_layout`` redrawn or reshaped the map gets a secret new
+        layout first; those maps are returned (else None)."""
         settings = self.settings.flowedit
         noise = [self.noise_seed(d, attempt) for d in digests]
         original_healthy_prompts = [[self.settings.prompts.original_healthy.format(sex=s, target_sex=p[2], identity="")]
@@ -431,12 +441,10 @@ class PrivacyFirewall:
         maps = [differential_mask(a_star_difference(photo, twin, m.signed, m.blur_sigma),
                                   self.settings.identity.erythema_map_threshold, m.open_radius, m.min_component_area)
                 for photo, twin in zip(photos, twins)]
-        identity = self.settings.identity
-        reshaped = None
-        if identity.reshape_erythema:
-            maps = reshaped = [reshape_erythema_map(mp, derive_seed(self.key, "erythema-outline", d, str(attempt)),
-                                                    identity.reshape_displacement, identity.reshape_shift)
-                                for mp, d in zip(maps, digests)]
+        drawn_maps = None
+        if self.settings.identity.erythema_layout != "kept":
+            maps = drawn_maps = [self._new_erythema_layout(mp, derive_seed(self.key, "erythema-outline", d, str(attempt)))
+                                 for mp, d in zip(maps, digests)]
         erythema_map = torch.from_numpy(np.stack(maps)).float()[:, None].to(x.device)
         # n_max = n_min = steps: FlowEdit degenerates to plain sampling of the target from noise.
         sampling = replace(settings, n_max=settings.steps, n_min=settings.steps)
@@ -446,4 +454,13 @@ class PrivacyFirewall:
         surrogate = drawn.latents[:, 0]
         healthy = flowedit(self.backend, surrogate, [p[1][0] for p in plans], [[p[1][1]] for p in plans], settings,
                            noise, image_size=image_size, target_maps=[torch.zeros_like(erythema_map)])
-        return surrogate, healthy.latents[:, 0], original_healthy, reshaped
+        return surrogate, healthy.latents[:, 0], original_healthy, drawn_maps
+
+    def _new_erythema_layout(self, erythema_map: np.ndarray, seed: int) -> np.ndarray:
+        """The patient's erythema map in the secret layout ``identity.erythema_layout``."""
+        identity = self.settings.identity
+        if identity.erythema_layout == "redrawn":
+            return redraw_erythema_map(erythema_map, seed, identity.reshape_displacement,
+                                       tuple(identity.redraw_patches), tuple(identity.redraw_area),
+                                       tuple(identity.redraw_region))
+        return reshape_erythema_map(erythema_map, seed, identity.reshape_displacement, identity.reshape_shift)

@@ -90,6 +90,13 @@ class FlowEditSettings:
         check_choice("firewall.flowedit.guidance_mode", self.guidance_mode, ("cfg", "mixed"))
 
 
+def _check_range(name: str, value: list, lowest: float, highest: float, example: str) -> None:
+    """A [from, to] pair with lowest <= from <= to <= highest."""
+    if len(value) != 2 or not lowest <= value[0] <= value[1] <= highest:
+        raise ConfigError(f"{name}={list(value)}: give [from,to] with {lowest:g} <= from <= to <= {highest:g} "
+                          f"(e.g. {name}={example})")
+
+
 @dataclass
 class PromptSettings:
     """Prompt templates. ``{sex}`` is the source's sex word, ``{target_sex}`` the
@@ -118,14 +125,24 @@ class IdentitySettings:
     # Threshold (a* units) of the patient's own differential mask M_orig that
     # becomes the erythema map.
     erythema_map_threshold: float
-    # The map is given a new outline (a secret mirror, scale, move and smooth bend,
-    # masks.reshape_erythema_map) before the surrogate is drawn from it: the exact
-    # outline of a patient's erythema names them. Displacement: the bend's
-    # largest shift as a fraction of the image side.
-    reshape_erythema: bool
+    # What of the patient's erythema the map keeps (the outline, size and number
+    # of patches each single a patient out; skinfed-audit):
+    #   redrawn: the patient's patches in a new number, size, direction, stretch
+    #     and place, drawn from the hospital's secret key (masks.redraw_erythema_map);
+    #   reshaped: the map with a secret mirror, scale, move and smooth bend
+    #     (masks.reshape_erythema_map); keeps the size and number of patches;
+    #   kept: the patient's own map (the paper's "same erythema").
+    erythema_layout: str
+    # The bend's largest shift, a fraction of the image side (redrawn and reshaped).
     reshape_displacement: float
-    # The largest move of the whole map, likewise a fraction of the image side.
+    # reshaped: the largest move of the whole map, a fraction of the image side.
     reshape_shift: float
+    # redrawn: how many patches [fewest, most], their total area [smallest,
+    # largest] as a fraction of the image (log-uniform), and the box of the patch
+    # centres [from, to] as a fraction of the side, on both axes.
+    redraw_patches: list[int]
+    redraw_area: list[float]
+    redraw_region: list[float]
     # A surrogate the gate still links to its source is redrawn with a new
     # identity this many times in all before the photo is refused.
     attempts: int
@@ -133,11 +150,15 @@ class IdentitySettings:
     def __post_init__(self) -> None:
         check_choice("firewall.identity.mode", self.mode, ("new_identity", "opposite_sex"))
         check_positive("firewall.identity.attempts", self.attempts)
+        check_choice("firewall.identity.erythema_layout", self.erythema_layout, ("redrawn", "reshaped", "kept"))
         for name in ("reshape_displacement", "reshape_shift"):
             value = getattr(self, name)
             if not 0.0 <= value <= 0.5:
                 raise ConfigError(f"firewall.identity.{name}={value}: a fraction of the image side in [0, 0.5] "
                                   "(e.g. 0.1)")
+        _check_range("firewall.identity.redraw_patches", self.redraw_patches, 1, 16, "[1,4]")
+        _check_range("firewall.identity.redraw_area", self.redraw_area, 1e-4, 1.0, "[0.02,0.2]")
+        _check_range("firewall.identity.redraw_region", self.redraw_region, 0.0, 1.0, "[0.25,0.75]")
 
 
 @dataclass
@@ -243,6 +264,8 @@ MOVED_KEYS = {
     "firewall.target_guidance": "firewall.flowedit.target_guidance",
     "firewall.guidance_mode": "firewall.flowedit.guidance_mode",
     "firewall.mixed_source_guidance": "firewall.flowedit.mixed_source_guidance",
+    # reshape_erythema=true/false became erythema_layout=reshaped/kept (redrawn is new).
+    "firewall.identity.reshape_erythema": "firewall.identity.erythema_layout",
 }
 
 

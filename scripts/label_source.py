@@ -2,13 +2,13 @@
 
     python -m scripts.label_source --out docs/label_source --rounds 5
     python -m scripts.label_source --out runs/label_source --rounds 3 --target-dice 0.6 federation.num_hospitals=4
-    python -m scripts.label_source --rounds 5 firewall.identity.reshape_erythema=false   # the README's table
+    python -m scripts.label_source --rounds 5 firewall.identity.erythema_layout=kept   # the README's table
 
 One federated run per ``data.label_source`` (``differential``: the firewall's
 masks, today's pipeline; ``ground_truth``: the synthetic clinic's masks of the
 source photos; ``reference``: the erythema map the embedded model drew the
-surrogate's erythema from, i.e. the patient's own differential mask M_orig after
-its secret new outline (``firewall.identity.reshape_erythema``; ``ground_truth``
+surrogate's erythema from, i.e. the patient's own differential mask M_orig in
+its secret new layout (``firewall.identity.erythema_layout``; ``ground_truth``
 then refuses, the photo's mask no longer lies on the surrogate); ``colour_rule``: the
 single-image a* rule on each surrogate),
 everything else equal: the same hospitals, the same surrogates (the firewall

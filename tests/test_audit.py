@@ -125,6 +125,26 @@ def test_batches_count_only_non_members_as_rivals():
     assert result.num_patients == 4
 
 
+def test_mask_attacks_find_a_kept_outline_and_a_kept_size():
+    from privacy_firewall.masks import reshape_erythema_map
+    from skinfed.audit.linkage import mask_iou_matrix, mask_size_and_count_matrix
+    from synthetic_clinic import render_subject
+
+    masks = [m for m in (render_subject(4, i, 64).mask for i in range(24)) if m.any()]
+    members = [[i] for i in range(len(masks))]
+    iou = mask_iou_matrix(masks, masks)
+    assert np.allclose(np.diag(iou), 1.0) and iou.max() <= 1.0
+    assert link_rates(iou, members).top1 == 1.0
+    # A mirrored, moved and bent outline defeats IoU but keeps size and count: the
+    # size-and-count attacker still ranks the patient high, IoU does not.
+    moved = [reshape_erythema_map(m, 50 + i, 0.1, 0.3) for i, m in enumerate(masks)]
+    assert link_rates(mask_iou_matrix(moved, masks), members).top1 < 0.3
+    assert link_rates(mask_size_and_count_matrix(moved, masks), members).auc > 0.7
+    # Shuffled labels: the same attacker is blind.
+    shuffled = [masks[(i + 7) % len(masks)] for i in range(len(masks))]
+    assert link_rates(mask_size_and_count_matrix(shuffled, masks), members).auc < 0.65
+
+
 def test_replay_with_the_known_seed_links_raw_photos():
     model = _tiny_unet()
     images, masks = _gallery(5, seed=1)
@@ -253,3 +273,28 @@ def test_the_audit_says_when_the_device_it_is_asked_for_is_not_there(capsys):
     with pytest.raises(SystemExit):
         main(["--device", "gpu0"])
     assert "not a torch device" in capsys.readouterr().err
+
+
+def test_pooled_audits_weigh_every_trial_once(tmp_path):
+    import json
+
+    from scripts.pool_audits import main as pool_main
+
+    def report(ranks: list[float]) -> dict:
+        members = [[i] for i in range(len(ranks))]
+        scores = np.zeros((len(ranks), 16))
+        for i, rank in enumerate(ranks):  # exactly ``rank`` of the 15 others score above the patient
+            scores[i, [j for j in range(16) if j != i]] = np.arange(15)
+            scores[i, i] = 14.5 - rank
+        result = link_rates(scores, members)
+        return {"gallery_size": 16, "linkage": {"fedavg": {"firewall": result.to_dict()}}}
+
+    (tmp_path / "a.json").write_text(json.dumps(report([0, 0, 3, 9])))  # 2 of 4 linked
+    (tmp_path / "b.json").write_text(json.dumps(report([0, 14, 14, 14, 14, 14, 14, 14])))  # 1 of 8
+    assert pool_main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "p.json")]) == 0
+    pooled = json.loads((tmp_path / "p.json").read_text())["linkage"]["fedavg"]["firewall"]
+    assert pooled["trials"] == 12 and pooled["top1"] == pytest.approx(3 / 12, abs=1e-4)
+    assert pooled["top1_ci95"][0] < 0.25 < pooled["top1_ci95"][1]
+    with pytest.raises(SystemExit, match="not a skinfed-audit report"):
+        (tmp_path / "c.json").write_text("{}")
+        pool_main([str(tmp_path / "c.json")])

@@ -24,7 +24,10 @@ Updates attacked:
   (the erythema alone), or each candidate's photo with one shared mask (the image
   alone);
 * ``pixel_nearest_neighbour``: no attack, the surrogate's own pixel-nearest
-  original, the reference the update attacks should be read against.
+  original, the reference the update attacks should be read against;
+* ``mask_nearest_neighbour`` / ``mask_size_and_count``: the surrogate's own mask
+  (its training label) against the candidates' masks, by IoU (outline and
+  place), or by the erythema's size and number of patches alone.
 
 Differential privacy (:mod:`skinfed.audit.dp_view`): the hospital's update is
 clipped to ``C`` and noised with ``z C`` per coordinate (a worst-case observer
@@ -50,7 +53,15 @@ from tqdm import tqdm
 
 from skinfed.audit import dp_view
 from skinfed.audit.inversion import InversionBudget, invert_gradient, score_reconstruction, verdict
-from skinfed.audit.linkage import LinkageResult, layer_signature, link_rates, pixel_similarity_matrix, similarity_matrix
+from skinfed.audit.linkage import (
+    LinkageResult,
+    layer_signature,
+    link_rates,
+    mask_iou_matrix,
+    mask_size_and_count_matrix,
+    pixel_similarity_matrix,
+    similarity_matrix,
+)
 from skinfed.audit.updates import (
     LocalTraining,
     Update,
@@ -201,6 +212,14 @@ def run_audit(data: AuditData, models: AuditModels, settings: AuditSettings,
         "firewall": link_rates(pixel_similarity_matrix(data.surrogates, gallery), trials_b1)
     }
     clock.lap("pixel_nearest_neighbour")
+    # ... and the surrogates' own masks (the training labels) against the candidates':
+    # by outline and place (IoU), and by size and number of patches alone.
+    linkage["mask_nearest_neighbour"] = {
+        "firewall": link_rates(mask_iou_matrix(data.surrogate_masks, gallery_masks), trials_b1)
+    }
+    linkage["mask_size_and_count"] = {
+        "firewall": link_rates(mask_size_and_count_matrix(data.surrogate_masks, gallery_masks), trials_b1)
+    }
 
     # -- one step (FedSGD) at the initial and a trained state ------------------------------
     states = [("initial", models.initial)] + ([("trained", models.trained)] if models.trained is not None else [])
@@ -435,6 +454,9 @@ def summarise(report: dict) -> dict:
         "linkage_chance": link["fedavg_replay_seed_secret"]["firewall"]["chance_top1"],
         "linkage_chance_top5": link["fedavg_replay_seed_secret"]["firewall"]["chance_top5"],
         "pixel_nearest_neighbour_top1": link["pixel_nearest_neighbour"]["firewall"]["top1"],
+        "mask_nearest_neighbour_top1": link["mask_nearest_neighbour"]["firewall"]["top1"],
+        "mask_size_and_count_top1": link["mask_size_and_count"]["firewall"]["top1"],
+        "mask_size_and_count_auc": link["mask_size_and_count"]["firewall"]["auc"],
         "inversion_psnr_patient": first.get("firewall", {}).get("psnr_patient"),
         "inversion_psnr_surrogate": first.get("firewall", {}).get("psnr_reference"),
         "inversion_psnr_patient_raw": first.get("raw", {}).get("psnr_patient"),

@@ -59,6 +59,31 @@ def pixel_similarity_matrix(queries: Sequence[np.ndarray], gallery: Sequence[np.
     return -np.maximum(sq, 0.0) / q.shape[1]
 
 
+def mask_iou_matrix(queries: Sequence[np.ndarray], gallery: Sequence[np.ndarray]) -> np.ndarray:
+    """IoU of each query mask with each gallery mask: the erythema's outline and place."""
+    q = np.stack(queries).reshape(len(queries), -1).astype(np.float64)
+    g = np.stack(gallery).reshape(len(gallery), -1).astype(np.float64)
+    intersection = q @ g.T
+    union = q.sum(1)[:, None] + g.sum(1)[None, :] - intersection
+    return np.where(union > 0, intersection / np.maximum(union, 1.0), 1.0)
+
+
+def mask_size_and_count_matrix(queries: Sequence[np.ndarray], gallery: Sequence[np.ndarray]) -> np.ndarray:
+    """Minus the distance in (log area, number of patches), each scaled by its
+    spread over the gallery: the erythema's size and count, blind to outline and
+    place (what a mirrored, moved and bent outline still gives away)."""
+    import cv2
+
+    def features(m: np.ndarray) -> np.ndarray:
+        patches = cv2.connectedComponents(np.asarray(m, np.uint8), connectivity=8)[0] - 1
+        return np.array([np.log1p(np.count_nonzero(m)), patches], dtype=np.float64)
+
+    q = np.stack([features(m) for m in queries])
+    g = np.stack([features(m) for m in gallery])
+    spread = g.std(axis=0) + 1e-9
+    return -np.abs((q[:, None, :] - g[None, :, :]) / spread).sum(axis=2)
+
+
 @dataclass
 class LinkageResult:
     """Link rates of one attack setting.

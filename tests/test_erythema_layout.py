@@ -1,15 +1,23 @@
-"""The erythema's secret new outline: the exact outline of a patient's erythema
-names them, so the firewall draws the surrogate from a reshaped map, and its
-mask is scored against that map, not against the photo's."""
+"""The erythema's secret new layout: the outline, size and number of patches of a
+patient's erythema name them, so the firewall draws the surrogate from a map in a
+new layout (redrawn by default, or reshaped), and its mask is scored against that
+map, not against the photo's."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
 from privacy_firewall.calibration import reference_masks
 from privacy_firewall.firewall import PhotoRequest, PrivacyFirewall
-from privacy_firewall.masks import a_star_difference, differential_mask, iou, reshape_erythema_map
+from privacy_firewall.masks import (
+    a_star_difference,
+    differential_mask,
+    iou,
+    redraw_erythema_map,
+    reshape_erythema_map,
+)
 from privacy_firewall.secret_key import derive_seed
 from privacy_firewall.settings import ConfigError, load_firewall_settings
 from synthetic_clinic import render_subject
@@ -39,7 +47,6 @@ def test_a_reshaped_mask_no_longer_finds_its_patient_in_a_gallery():
     outline finds its patient every time; an outline reshaped with the shipped
     settings rarely does."""
     identity = load_firewall_settings([]).identity
-    assert identity.reshape_erythema
     gallery = [m for m in clinic_masks(40) if m.any()]
     n = len(gallery)
 
@@ -52,9 +59,76 @@ def test_a_reshaped_mask_no_longer_finds_its_patient_in_a_gallery():
     assert reshaped < 0.2, f"{reshaped:.2f} of {n} reshaped masks still find their patient"
 
 
-def test_displacement_is_checked():
+def patch_count(mask: np.ndarray) -> int:
+    return cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)[0] - 1
+
+
+def test_a_redrawn_map_is_the_seeds_in_number_size_and_place():
+    mask = next(m for m in clinic_masks(8) if patch_count(m) >= 2)
+    a, b = redraw_erythema_map(mask, 1, 0.1), redraw_erythema_map(mask, 1, 0.1)
+    assert a.dtype == bool and a.shape == mask.shape and np.array_equal(a, b)
+    maps = [redraw_erythema_map(mask, seed, 0.1, patches=(1, 3), area=(0.05, 0.1), region=(0.4, 0.6))
+            for seed in range(2, 42)]
+    assert len({m.tobytes() for m in maps}) == len(maps)
+    counts = [patch_count(m) for m in maps]
+    assert 1 <= min(counts) and max(counts) <= 3 and len(set(counts)) > 1
+    # Patches may overlap (less area) and a bend may stretch one: the area is about the drawn one.
+    fractions = [m.mean() for m in maps]
+    assert 0.02 < min(fractions) and max(fractions) < 0.2
+    for m in maps:  # every patch's centre in the region (up to the bend and the pixel grid)
+        n, _, _, centres = cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=8)
+        assert np.all((centres[1:] > 0.3 * 64) & (centres[1:] < 0.7 * 64))
+    assert not redraw_erythema_map(np.zeros((16, 16), bool), 3, 0.1).any()
+
+
+def size_and_count_auc(queries: list[np.ndarray], gallery: list[np.ndarray]) -> float:
+    """An attacker who ranks the gallery by the erythema's size and number of
+    patches: how often the patient outscores someone else (0.5 = chance)."""
+    def features(m: np.ndarray) -> np.ndarray:
+        return np.array([np.log1p(m.sum()), patch_count(m)], dtype=float)
+
+    g = np.stack([features(m) for m in gallery])
+    scale = g.std(axis=0) + 1e-9
+    wins = []
+    for i, q in enumerate(queries):
+        distance = np.abs((g - features(q)) / scale).sum(axis=1)
+        others = np.delete(distance, i)
+        wins.append(np.mean(distance[i] < others) + 0.5 * np.mean(distance[i] == others))
+    return float(np.mean(wins))
+
+
+def test_a_redrawn_map_keeps_neither_the_size_nor_the_number_of_patches():
+    """A reshaped outline still gives the patient away by its size and patch count;
+    the shipped (redrawn) layout does not."""
+    identity = load_firewall_settings([]).identity
+    assert identity.erythema_layout == "redrawn"
+    gallery = [m for m in clinic_masks(48) if m.any()]
+    reshaped = [reshape_erythema_map(m, 1000 + i, identity.reshape_displacement, identity.reshape_shift)
+                for i, m in enumerate(gallery)]
+    redrawn = [redraw_erythema_map(m, 1000 + i, identity.reshape_displacement, tuple(identity.redraw_patches),
+                                   tuple(identity.redraw_area), tuple(identity.redraw_region))
+               for i, m in enumerate(gallery)]
+    assert size_and_count_auc(gallery, gallery) > 0.95  # the attack works
+    assert size_and_count_auc(reshaped, gallery) > 0.7
+    assert size_and_count_auc(redrawn, gallery) < 0.6
+    # Nor the outline and place: IoU nearest neighbour is at chance.
+    assert np.mean([int(np.argmax([iou(q, g) for g in gallery])) == i for i, q in enumerate(redrawn)]) < 0.1
+
+
+def test_layout_settings_are_checked():
     with pytest.raises(ConfigError, match="reshape_displacement"):
         load_firewall_settings(["firewall.identity.reshape_displacement=0.9"])
+    with pytest.raises(ConfigError, match=r"redraw_area=\[0.3, 0.1\].*from <= to"):
+        load_firewall_settings(["firewall.identity.redraw_area=[0.3,0.1]"])
+    with pytest.raises(ConfigError, match="redraw_patches"):
+        load_firewall_settings(["firewall.identity.redraw_patches=[0,2]"])
+    with pytest.raises(ConfigError, match="redraw_region"):
+        load_firewall_settings(["firewall.identity.redraw_region=[0.5]"])
+    with pytest.raises(ConfigError, match="erythema_layout='maybe'.*redrawn, reshaped, kept"):
+        load_firewall_settings(["firewall.identity.erythema_layout=maybe"])
+    # The old switch names its successor.
+    with pytest.raises(ConfigError, match="write firewall.identity.erythema_layout="):
+        load_firewall_settings(["firewall.identity.reshape_erythema=false"])
 
 
 def map_settings(model_dir, tmp_path, *extra):
@@ -66,8 +140,9 @@ def map_settings(model_dir, tmp_path, *extra):
         "firewall.gate.out_of_distribution_check=false", "firewall.identity.erythema_map_threshold=0.0", *extra])
 
 
-def test_the_surrogate_is_drawn_from_the_reshaped_map(tiny_map_embedded_dir, tmp_path):
-    settings = map_settings(tiny_map_embedded_dir, tmp_path)
+@pytest.mark.parametrize("layout", ["redrawn", "reshaped"])
+def test_the_surrogate_is_drawn_from_the_map_in_its_new_layout(tiny_map_embedded_dir, tmp_path, layout):
+    settings = map_settings(tiny_map_embedded_dir, tmp_path, f"firewall.identity.erythema_layout={layout}")
     firewall = PrivacyFirewall(settings)
     assert firewall.draws_from_map
     photos = [render_subject(5, i, 16).pathological for i in range(3)]
@@ -76,13 +151,16 @@ def test_the_surrogate_is_drawn_from_the_reshaped_map(tiny_map_embedded_dir, tmp
     m = settings.mask
     for req, res in zip(requests, results):
         assert res.ok and res.drawn_erythema_map is not None
-        # The map is the patient's own (photo vs its healthy twin), reshaped with a seed under the key.
+        # The map is the patient's own (photo vs its healthy twin), laid out anew with a seed under the key.
         own = differential_mask(a_star_difference(res.original, res.original_healthy_twin, m.signed, m.blur_sigma),
                                 settings.identity.erythema_map_threshold, m.open_radius, m.min_component_area)
         assert own.any()
         seed = derive_seed(firewall.key, "erythema-outline", req.digest, str(res.attempts - 1))
-        expected = reshape_erythema_map(own, seed, settings.identity.reshape_displacement,
-                                        settings.identity.reshape_shift)
+        identity = settings.identity
+        expected = (redraw_erythema_map(own, seed, identity.reshape_displacement, tuple(identity.redraw_patches),
+                                        tuple(identity.redraw_area), tuple(identity.redraw_region))
+                    if layout == "redrawn" else
+                    reshape_erythema_map(own, seed, identity.reshape_displacement, identity.reshape_shift))
         assert np.array_equal(res.drawn_erythema_map, expected)
     assert any(not np.array_equal(r.drawn_erythema_map, r.original_difference > 0) for r in results)
     # The cache keeps the map, and calibration scores the surrogate's mask against it.
@@ -94,8 +172,19 @@ def test_the_surrogate_is_drawn_from_the_reshaped_map(tiny_map_embedded_dir, tmp
     assert all(np.array_equal(ref, r.drawn_erythema_map) for ref, r in zip(refs, again))
 
 
+def test_only_the_chosen_layouts_settings_key_the_cache(tiny_map_embedded_dir, tmp_path):
+    def key(*extra: str) -> str:
+        return PrivacyFirewall(map_settings(tiny_map_embedded_dir, tmp_path, *extra)).cache_key("d", "woman")
+
+    assert key() == key("firewall.identity.reshape_shift=0.1")  # a reshaped-only setting
+    assert key() != key("firewall.identity.redraw_area=[0.05,0.1]")
+    kept = key("firewall.identity.erythema_layout=kept")
+    assert kept == key("firewall.identity.erythema_layout=kept", "firewall.identity.redraw_area=[0.05,0.1]")
+    assert kept != key()
+
+
 def test_keeping_the_outline_is_a_setting(tiny_map_embedded_dir, tmp_path):
-    settings = map_settings(tiny_map_embedded_dir, tmp_path, "firewall.identity.reshape_erythema=false")
+    settings = map_settings(tiny_map_embedded_dir, tmp_path, "firewall.identity.erythema_layout=kept")
     res = PrivacyFirewall(settings).run([PhotoRequest(render_subject(5, 0, 16).pathological, "woman")])[0]
     assert res.ok and res.drawn_erythema_map is None
     gt = render_subject(5, 0, 16).mask
@@ -103,7 +192,7 @@ def test_keeping_the_outline_is_a_setting(tiny_map_embedded_dir, tmp_path):
     assert kind == "ground truth"
 
 
-def test_a_hospital_trains_on_labels_that_lie_on_the_reshaped_erythema(tiny_map_embedded_dir, tmp_path, monkeypatch):
+def test_a_hospital_trains_on_labels_that_lie_on_the_redrawn_erythema(tiny_map_embedded_dir, tmp_path, monkeypatch):
     """Through the hospital's own pipeline: the reference labels are the maps the
     surrogates were drawn from, and the source photos' ground truth, which no
     longer lies on the surrogate's erythema, is refused with the fix named."""
@@ -128,5 +217,5 @@ def test_a_hospital_trains_on_labels_that_lie_on_the_reshaped_erythema(tiny_map_
         np.testing.assert_array_equal(pair.mask, read_mask_png(maps / f"{pair.id}.png"))
     report = (node_dir(cfg, folder) / "firewall" / "report.json").read_text()
     assert "drawn erythema map" in report
-    with pytest.raises(ValueError, match="reshape_erythema"):
+    with pytest.raises(ValueError, match="erythema_layout=kept"):
         load_hospital(replace(cfg, data=replace(cfg.data, label_source="ground_truth")), folder)
