@@ -71,8 +71,7 @@ def figure(points: list[dict], path: Path) -> None:
         for attacker in ATTACKERS:
             value = p["reid_top1"].get(attacker)
             if value is not None and p["dice"] is not None:
-                ax.scatter(value, p["dice"], marker=MARKERS[attacker], color=colour, s=50,
-                           label=p["name"] if attacker == "pixel" else None)
+                ax.scatter(value, p["dice"], marker=MARKERS[attacker], color=colour, s=50)
         if p.get("mask_floor") is not None and p["dice"] is not None:
             ax.plot([p["mask_floor"]] * 2, [p["dice"] - 0.015, p["dice"] + 0.015], color=colour, lw=3)
     ax.set(xlabel="re-identification top-1 of the surrogates\n(o pixel, □ replay without the key, △ matcher; | the mask floor)",
@@ -85,8 +84,12 @@ def figure(points: list[dict], path: Path) -> None:
     ax.set(xlabel="linkage top-1 of a hospital's FedAvg update\n(skinfed-audit, after any DP noise)", xlim=(-0.03, 1.03),
            ylim=(-0.05, 1.0), title="shared updates")
     ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    # One entry per configuration, whichever panel shows it (some have no surrogate attacks measured).
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker="o", linestyle="", color=colours[i % len(colours)], label=p["name"])
+               for i, p in enumerate(points)]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.13, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial.png")
