@@ -51,7 +51,9 @@ def _std(values: list[float]) -> float:
 
 
 def panel_figure(rows: list[dict], path: Path) -> None:
-    """One row per subject: source, ground truth, surrogate, healthy twin, a* difference, predicted vs truth."""
+    """One row per subject: source, ground truth, (the drawn erythema map,) surrogate,
+    healthy twin, a* difference, and the mask against its reference: the map the
+    surrogate was drawn from where the erythema has a new layout, else the truth."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,11 +61,14 @@ def panel_figure(rows: list[dict], path: Path) -> None:
 
     from privacy_firewall.figures import _save, agreement_image
 
-    titles = ("source", "ground truth", "surrogate", "healthy twin", "a* difference", "mask vs truth")
-    fig, axes = plt.subplots(len(rows), 6, figsize=(11, 1.9 * len(rows)), squeeze=False)
+    drawn = rows[0].get("drawn") is not None
+    titles = ("source", "ground truth", *(("drawn erythema map",) if drawn else ()), "surrogate", "healthy twin",
+              "a* difference", "mask vs drawn map" if drawn else "mask vs truth")
+    fig, axes = plt.subplots(len(rows), len(titles), figsize=(1.85 * len(titles), 1.9 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
-        images = (row["source"], row["truth"], row["surrogate"], row["healthy"], heat_map(row["difference"]),
-                  agreement_image(row["truth"], row["mask"]))
+        reference = row["drawn"] if drawn else row["truth"]
+        images = (row["source"], row["truth"], *((row["drawn"],) if drawn else ()), row["surrogate"], row["healthy"],
+                  heat_map(row["difference"]), agreement_image(reference, row["mask"]))
         for c, img in enumerate(images):
             ax = axes[r, c]
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
@@ -72,7 +77,7 @@ def panel_figure(rows: list[dict], path: Path) -> None:
             if r == 0:
                 ax.set_title(titles[c], fontsize=9)
         axes[r, 0].set_ylabel(f"IoU {row['iou']:.2f}", fontsize=8)
-    fig.text(0.5, 0.005, "mask vs truth: white = both, green = missed, magenta = extra", ha="center", fontsize=8)
+    fig.text(0.5, 0.005, f"{titles[-1]}: white = both, green = missed, magenta = extra", ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     _save(fig, path)
 
@@ -194,7 +199,9 @@ def evaluate(settings: FirewallSettings, n: int, out: Path, clinic_seed: int = 7
     if panels > 0:
         rows = [{"source": subjects[i].pathological, "truth": truth[i], "surrogate": results[i].surrogate,
                  "healthy": results[i].healthy_twin, "difference": results[i].a_star_difference, "mask": m_syn[i],
-                 "iou": iou_syn_gt[k]} for k, i in enumerate(ok[:panels])]
+                 "drawn": results[i].drawn_erythema_map,
+                 "iou": iou(m_syn[i], results[i].drawn_erythema_map) if new_layout else iou_syn_gt[k]}
+                for k, i in enumerate(ok[:panels])]
         panel_figure(rows, out / "panels.png")
         for k, i in enumerate(ok[:panels]):
             write_png(out / "subjects" / f"{k:03d}_surrogate.png", results[i].surrogate)
@@ -211,8 +218,8 @@ def evaluate(settings: FirewallSettings, n: int, out: Path, clinic_seed: int = 7
 
 def erythema_map(result, settings: FirewallSettings) -> np.ndarray:
     """The erythema map a new identity is drawn with: the patient's own
-    differential mask at ``identity.erythema_map_threshold``, after its secret new
-    outline where the firewall gave it one."""
+    differential mask at ``identity.erythema_map_threshold``, in its secret new
+    layout where the firewall gave it one."""
     if result.drawn_erythema_map is not None:
         return result.drawn_erythema_map
     m = settings.mask
