@@ -61,7 +61,7 @@ from privacy_firewall.images import (
     to_uint8_images,
     write_png,
 )
-from privacy_firewall.masks import a_star_difference, differential_mask, redraw_erythema_map, reshape_erythema_map
+from privacy_firewall.masks import a_star_difference, differential_mask, lay_out_erythema_map
 from privacy_firewall.secret_key import derive_seed, keyed_digest, load_or_create_key
 from privacy_firewall.settings import FirewallSettings
 
@@ -443,7 +443,8 @@ class PrivacyFirewall:
                 for photo, twin in zip(photos, twins)]
         drawn_maps = None
         if self.settings.identity.erythema_layout != "kept":
-            maps = drawn_maps = [self._new_erythema_layout(mp, derive_seed(self.key, "erythema-outline", d, str(attempt)))
+            maps = drawn_maps = [lay_out_erythema_map(mp, derive_seed(self.key, "erythema-outline", d, str(attempt)),
+                                                      self.settings.identity)
                                  for mp, d in zip(maps, digests)]
         erythema_map = torch.from_numpy(np.stack(maps)).float()[:, None].to(x.device)
         # n_max = n_min = steps: FlowEdit degenerates to plain sampling of the target from noise.
@@ -455,12 +456,3 @@ class PrivacyFirewall:
         healthy = flowedit(self.backend, surrogate, [p[1][0] for p in plans], [[p[1][1]] for p in plans], settings,
                            noise, image_size=image_size, target_maps=[torch.zeros_like(erythema_map)])
         return surrogate, healthy.latents[:, 0], original_healthy, drawn_maps
-
-    def _new_erythema_layout(self, erythema_map: np.ndarray, seed: int) -> np.ndarray:
-        """The patient's erythema map in the secret layout ``identity.erythema_layout``."""
-        identity = self.settings.identity
-        if identity.erythema_layout == "redrawn":
-            return redraw_erythema_map(erythema_map, seed, identity.reshape_displacement,
-                                       tuple(identity.redraw_patches), tuple(identity.redraw_area),
-                                       tuple(identity.redraw_region))
-        return reshape_erythema_map(erythema_map, seed, identity.reshape_displacement, identity.reshape_shift)

@@ -8,9 +8,13 @@ convention; differences of a* are the same in either convention.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    from privacy_firewall.settings import IdentitySettings
 
 
 def a_star(rgb: np.ndarray) -> np.ndarray:
@@ -151,6 +155,17 @@ def redraw_erythema_map(erythema_map: np.ndarray, seed: int, displacement: float
             soft = cv2.GaussianBlur(soft, (0, 0), 0.5 * scale)
         out |= soft >= 0.5
     return out
+
+
+def lay_out_erythema_map(erythema_map: np.ndarray, seed: int, identity: IdentitySettings) -> np.ndarray:
+    """The patient's erythema map in the layout ``identity.erythema_layout``
+    (redrawn, reshaped or kept), with that layout's settings and ``seed``."""
+    if identity.erythema_layout == "redrawn":
+        return redraw_erythema_map(erythema_map, seed, identity.reshape_displacement, tuple(identity.redraw_patches),
+                                   tuple(identity.redraw_area), tuple(identity.redraw_region))
+    if identity.erythema_layout == "reshaped":
+        return reshape_erythema_map(erythema_map, seed, identity.reshape_displacement, identity.reshape_shift)
+    return np.asarray(erythema_map, dtype=bool).copy()
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

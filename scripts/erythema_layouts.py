@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from models.io import atomic_write_json
-from privacy_firewall.masks import redraw_erythema_map, reshape_erythema_map
-from privacy_firewall.settings import IdentitySettings, load_firewall_settings
+from privacy_firewall.masks import lay_out_erythema_map
+from privacy_firewall.settings import ConfigError, IdentitySettings, load_firewall_settings
 from skinfed.audit.linkage import link_rates, mask_iou_matrix, mask_size_and_count_matrix
 from synthetic_clinic import render_subject
 
@@ -37,12 +38,7 @@ LAYOUTS = ("kept", "reshaped", "redrawn")
 
 
 def lay_out(mask: np.ndarray, layout: str, seed: int, identity: IdentitySettings) -> np.ndarray:
-    if layout == "redrawn":
-        return redraw_erythema_map(mask, seed, identity.reshape_displacement, tuple(identity.redraw_patches),
-                                   tuple(identity.redraw_area), tuple(identity.redraw_region))
-    if layout == "reshaped":
-        return reshape_erythema_map(mask, seed, identity.reshape_displacement, identity.reshape_shift)
-    return mask.copy()
+    return lay_out_erythema_map(mask, seed, replace(identity, erythema_layout=layout))
 
 
 def measure(clinic_seeds: list[int], gallery: int, size: int, overrides: list[str]) -> dict:
@@ -99,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.gallery < 2:
         parser.error("--gallery needs 2 or more patients")
+    try:
+        load_firewall_settings(args.overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
     args.out.mkdir(parents=True, exist_ok=True)
     result = measure(args.clinic_seeds, args.gallery, args.size, args.overrides)
     figure(args.out / "erythema_layouts.png", args.size, args.overrides)

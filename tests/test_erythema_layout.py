@@ -15,6 +15,7 @@ from privacy_firewall.masks import (
     a_star_difference,
     differential_mask,
     iou,
+    lay_out_erythema_map,
     redraw_erythema_map,
     reshape_erythema_map,
 )
@@ -82,19 +83,11 @@ def test_a_redrawn_map_is_the_seeds_in_number_size_and_place():
 
 
 def size_and_count_auc(queries: list[np.ndarray], gallery: list[np.ndarray]) -> float:
-    """An attacker who ranks the gallery by the erythema's size and number of
-    patches: how often the patient outscores someone else (0.5 = chance)."""
-    def features(m: np.ndarray) -> np.ndarray:
-        return np.array([np.log1p(m.sum()), patch_count(m)], dtype=float)
+    """The audit's attacker on the erythema's size and number of patches: how often
+    the patient outscores someone else (0.5 = chance)."""
+    from skinfed.audit.linkage import link_rates, mask_size_and_count_matrix
 
-    g = np.stack([features(m) for m in gallery])
-    scale = g.std(axis=0) + 1e-9
-    wins = []
-    for i, q in enumerate(queries):
-        distance = np.abs((g - features(q)) / scale).sum(axis=1)
-        others = np.delete(distance, i)
-        wins.append(np.mean(distance[i] < others) + 0.5 * np.mean(distance[i] == others))
-    return float(np.mean(wins))
+    return link_rates(mask_size_and_count_matrix(queries, gallery), [[i] for i in range(len(queries))]).auc
 
 
 def test_a_redrawn_map_keeps_neither_the_size_nor_the_number_of_patches():
@@ -161,6 +154,7 @@ def test_the_surrogate_is_drawn_from_the_map_in_its_new_layout(tiny_map_embedded
                                         tuple(identity.redraw_area), tuple(identity.redraw_region))
                     if layout == "redrawn" else
                     reshape_erythema_map(own, seed, identity.reshape_displacement, identity.reshape_shift))
+        assert np.array_equal(lay_out_erythema_map(own, seed, identity), expected)
         assert np.array_equal(res.drawn_erythema_map, expected)
     assert any(not np.array_equal(r.drawn_erythema_map, r.original_difference > 0) for r in results)
     # The cache keeps the map, and calibration scores the surrogate's mask against it.
