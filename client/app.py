@@ -19,7 +19,6 @@ import functools
 import logging
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -32,6 +31,7 @@ from client.hospital import (
     prepare_hospital,
     training_seed,
 )
+from common.device import resolve_device
 from models import segmentation
 from skinfed.config import RunConfig, load_flower_run_config
 from skinfed.data import simulation_hospitals
@@ -173,8 +173,5 @@ def node_folder(cfg: RunConfig, context: Context) -> Path:
 
 
 def device_for(cfg: RunConfig) -> str:
-    if cfg.federation.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.federation.device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"federation.device={cfg.federation.device} but this node has no CUDA GPU: use auto or cpu")
-    return cfg.federation.device
+    """``federation.device`` on this node (a missing GPU is an error, never the CPU)."""
+    return str(resolve_device(cfg.federation.device, "federation.device"))

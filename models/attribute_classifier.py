@@ -138,7 +138,7 @@ def save_classifier(model: AttributeClassifier, folder: str | Path, metrics: dic
     """``folder/<name>.safetensors`` and ``folder/<name>.json``, written atomically."""
     from safetensors.torch import save_file
 
-    from models.io import atomic_write_bytes, atomic_write_json
+    from common.io import atomic_write_bytes, atomic_write_json
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -290,7 +290,7 @@ def save_flow_unet(model: FlowUNet, folder: str | Path, weights_name: str = "flo
     """Save weights (safetensors) and config (JSON) atomically into ``folder``."""
     from safetensors.torch import save_file
 
-    from models.io import atomic_write_bytes, atomic_write_text
+    from common.io import atomic_write_bytes, atomic_write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

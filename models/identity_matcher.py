@@ -362,7 +362,7 @@ def save_identity_matcher(model: IdentityEmbedder, folder: str | Path, calibrati
     """``folder/<name>.safetensors`` and ``folder/<name>.json`` (config, threshold, metrics), atomically."""
     from safetensors.torch import save_file
 
-    from models.io import atomic_write_bytes, atomic_write_json
+    from common.io import atomic_write_bytes, atomic_write_json
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

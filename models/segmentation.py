@@ -1,9 +1,10 @@
 """The erythema segmentation U-Net and its training: plain PyTorch and
 segmentation-models-pytorch, nothing of Flower.
 
-Training takes :class:`~privacy_firewall.training_data.DeidentifiedPair` objects
-only (surrogate + differential mask from the privacy firewall); evaluation takes
-any images with reference masks (the server scores original identities).
+Training takes :class:`~common.training_pairs.TrainingPair` objects only (the
+privacy firewall's ``DeidentifiedPair``: surrogate + differential mask);
+evaluation takes any images with reference masks (the server scores original
+identities).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privacy_firewall.settings import ConfigError
-from privacy_firewall.training_data import DeidentifiedPair, require_deidentified
+from common.config import ConfigError
+from common.training_pairs import TrainingPair, require_training_pairs
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class SegmentationLoss(nn.Module):
 
 def train(
     model: nn.Module,
-    pairs: Sequence[DeidentifiedPair],
+    pairs: Sequence[TrainingPair],
     cfg: SegmentationSettings,
     epochs: int | None = None,
     device: str | torch.device = "cpu",
@@ -134,7 +135,7 @@ def train(
     """Train on de-identified pairs (and nothing else); returns ``train_loss``
     (mean of the last epoch) and ``num_examples``. ``proximal_mu`` > 0 adds
     FedProx's proximal term towards the weights the model had on entry."""
-    pairs = require_deidentified(pairs)
+    pairs = require_training_pairs(pairs)
     if not pairs:
         raise ValueError("no de-identified pairs to train on")
     x = to_batch([p.surrogate for p in pairs])

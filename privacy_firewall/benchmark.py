@@ -197,15 +197,13 @@ def peak_rss_mb() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-def benchmark(cfg: FirewallSettings, args: Any) -> dict:
+def benchmark(cfg: FirewallSettings, *, random_weights: bool, architecture: str | None, height: int | None,
+              width: int | None, images: int, repeats: int, overrides: list[str]) -> dict:
     """Measure the firewall's NFE, time and memory; see the module docstring.
 
-    ``args``: the parsed ``benchmark`` arguments (random_weights, architecture,
-    height, width, images, repeats, overrides)."""
-    random_weights = bool(getattr(args, "random_weights", False))
-    architecture = getattr(args, "architecture", None)
-    overrides = list(getattr(args, "overrides", None) or [])
-    n_images, repeats = int(getattr(args, "images", 2)), int(getattr(args, "repeats", 1))
+    The arguments are those of ``privacy-firewall benchmark`` (its parser holds
+    the defaults); ``height``/``width`` None: the model's working size."""
+    n_images = images
     if n_images < 1 or repeats < 1:
         raise _usage_error(f"--images ({n_images}) and --repeats ({repeats}) must be at least 1")
     if architecture is not None and not random_weights:
@@ -235,8 +233,8 @@ def benchmark(cfg: FirewallSettings, args: Any) -> dict:
         default_size = TINY_SIZE
     else:
         default_size = int(firewall.working_size)
-    height = getattr(args, "height", None) or default_size
-    width = getattr(args, "width", None) or default_size
+    height = height or default_size
+    width = width or default_size
     multiple = backend.size_multiple
     if height % multiple or width % multiple or height < multiple or width < multiple:
         raise _usage_error(

@@ -7,8 +7,11 @@
     privacy-firewall benchmark [--random-weights --architecture sd3-medium] [key=value ...]
     privacy-firewall watch PHOTOS_DIR WORK_DIR [--publish DIR] [--interval 30] [--once] [key=value ...]
 
-``key=value`` are Hydra overrides of conf/, e.g. ``backend=sd3
-firewall.backend.model_path=/models/sd3 firewall.flowedit.target_guidance=7``.
+``key=value`` are Hydra overrides of the firewall's part of conf/, e.g.
+``backend=sd3 firewall.backend.model_path=/models/sd3
+firewall.flowedit.target_guidance=7`` (and the shared ``paths.*``). An override
+of another program's setting (``federation.num_rounds=3``) is refused before any
+work, naming the program it belongs to.
 
 Exit codes: 0 every image succeeded; 1 some image failed (the others were still
 processed); 2 usage or configuration error.
@@ -21,6 +24,8 @@ import json
 import logging
 import sys
 from pathlib import Path
+
+from common.seeds import HELD_OUT_CLINIC_SEED
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -113,7 +118,8 @@ def cmd_benchmark(args) -> int:
 
     cfg = _config(args.overrides)
     _threads()
-    result = benchmark(cfg, args)
+    result = benchmark(cfg, random_weights=args.random_weights, architecture=args.architecture, height=args.height,
+                       width=args.width, images=args.images, repeats=args.repeats, overrides=list(args.overrides))
     print(json.dumps(result))
     return EXIT_OK
 
@@ -123,13 +129,18 @@ def cmd_watch(args) -> int:
     from $SKINFED_OVERRIDES, as in the containers."""
     import os
 
+    from common.config import parse_overrides, split_overrides
     from privacy_firewall.deidentify import UsageError
-    from privacy_firewall.settings import parse_overrides
+    from privacy_firewall.settings import OWN_PARTS
     from privacy_firewall.watch import ERROR, READY, watch
 
     if args.interval <= 0:
         raise UsageError(f"--interval must be positive (got {args.interval})")
-    cfg = _config(parse_overrides(os.environ.get("SKINFED_OVERRIDES", "")) + list(args.overrides))
+    # $SKINFED_OVERRIDES is the hospital's one variable for the firewall service and
+    # its ClientApp (docker-compose.yml): the firewall takes its own part of it and
+    # leaves the rest (federation.*, model.*) to the ClientApp.
+    shared, _ = split_overrides(parse_overrides(os.environ.get("SKINFED_OVERRIDES", "")), OWN_PARTS)
+    cfg = _config(shared + list(args.overrides))
     _threads()
     status = watch(args.photos_dir, args.work_dir, cfg, published_dir=args.publish, interval=args.interval,
                    once=args.once, progress=not args.quiet)
@@ -162,12 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="summarise a deidentify output's report.json")
     p.add_argument("output_dir")
-    p.set_defaults(func=cmd_report)
+    p.set_defaults(func=cmd_report, overrides=[])
 
     p = sub.add_parser("evaluate", help="score the firewall on held-out synthetic subjects")
     p.add_argument("--n", type=int, default=64, help="held-out subjects")
     p.add_argument("--out", default="runs/evaluate")
-    p.add_argument("--clinic-seed", type=int, default=777, help="seed of the held-out clinic")
+    p.add_argument("--clinic-seed", type=int, default=HELD_OUT_CLINIC_SEED,
+                   help=f"seed of the held-out clinic (default {HELD_OUT_CLINIC_SEED}: no shipped model is trained on it)")
     p.add_argument("--panels", type=int, default=8, help="PNG panels to save")
     p.add_argument("--no-attacks", action="store_true", help="skip the re-identification attacks")
     p.add_argument("--attack-train", type=int, default=128,
@@ -203,16 +215,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        bad = [o for o in getattr(args, "overrides", []) if "=" not in o]
+        bad = [o for o in args.overrides if "=" not in o]
         if bad:
             parser.error(f"unexpected argument(s) {' '.join(bad)}: overrides are key=value (e.g. backend=sd3)")
     except SystemExit as exc:  # argparse exits 2 on bad use, 0 after --help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from common.config import ConfigError, reject_foreign_overrides
     from privacy_firewall.deidentify import UsageError
-    from privacy_firewall.settings import ConfigError
+    from privacy_firewall.settings import OWN_PARTS
 
     try:
+        reject_foreign_overrides(args.overrides, OWN_PARTS, "privacy-firewall")  # before any work
         return args.func(args)
     except (ConfigError, UsageError) as exc:
         print(f"privacy-firewall: error: {exc}", file=sys.stderr)

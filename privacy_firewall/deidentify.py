@@ -38,7 +38,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from models.io import atomic_write_bytes
+from common.io import atomic_write_bytes
 from privacy_firewall.firewall import PhotoRequest, PrivacyFirewall, TwinResult
 from privacy_firewall.images import ImageRejected, load_photo
 from privacy_firewall.outputs import (

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.io import atomic_write_json
+from common.io import atomic_write_json
+from common.seeds import HELD_OUT_CLINIC_SEED
 from privacy_firewall.figures import heat_map
 from privacy_firewall.firewall import PhotoRequest, PrivacyFirewall
 from privacy_firewall.images import write_png
@@ -82,7 +83,7 @@ def panel_figure(rows: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def evaluate(settings: FirewallSettings, n: int, out: Path, clinic_seed: int = 777, panels: int = 8,
+def evaluate(settings: FirewallSettings, n: int, out: Path, clinic_seed: int = HELD_OUT_CLINIC_SEED, panels: int = 8,
              progress: bool = True, attacks: bool = True, attack_train: int = 128) -> dict:
     """Run the firewall on ``n`` held-out subjects and score it; writes
     ``out/evaluate.json`` and ``out/panels.png``; returns the metrics."""

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.io import atomic_write_json
+from common.io import atomic_write_json
 from privacy_firewall.backends import FlowBackend, load_backend
 from privacy_firewall.flowedit import flowedit
 from privacy_firewall.gate import IdentityGate, choose_matcher

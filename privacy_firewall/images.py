@@ -4,7 +4,8 @@
   uint8 with its EXIF orientation applied and no metadata kept, or raises
   :class:`ImageRejected` with a reason a person can act on.
 * :func:`write_png` / :func:`read_rgb_png` / :func:`read_mask_png`: the firewall's
-  own outputs (surrogates, twins, masks), written atomically with no metadata.
+  own outputs (surrogates, twins, masks), written atomically with no metadata
+  (:mod:`common.png`, shared with the synthetic clinic).
 * :func:`prepare`: a photo at a backend's working size.
 """
 
@@ -21,7 +22,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from models.io import atomic_write_bytes
+from common.png import read_mask_png, read_rgb_png, write_png
 
 #: Photos above this many pixels are refused as possible decompression bombs
 #: (about 100 megapixels: larger than any clinical camera's photo).
@@ -30,6 +31,9 @@ MIN_SIDE = 32
 MAX_ASPECT = 4.0
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+__all__ = ["ImageRejected", "Prepared", "load_photo", "pixel_digest", "prepare", "read_mask_png", "read_rgb_png",
+           "to_tensor_batch", "to_uint8_images", "write_png"]
 
 
 class ImageRejected(Exception):
@@ -171,33 +175,3 @@ def pixel_digest(rgb: np.ndarray) -> str:
     h.update(str(rgb.shape).encode())
     h.update(np.ascontiguousarray(rgb).tobytes())
     return h.hexdigest()
-
-
-def write_png(path: str | Path, image: np.ndarray) -> None:
-    """Atomic PNG write with no metadata (no EXIF, no text chunks). RGB uint8, or a
-    bool mask (written 0/255)."""
-    arr = image
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8) * 255
-    elif arr.ndim == 3:
-        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", arr)
-    if not ok:
-        raise OSError(f"could not encode PNG for {Path(path).name}")
-    atomic_write_bytes(path, buf.tobytes())
-
-
-def read_rgb_png(path: str | Path) -> np.ndarray:
-    """An RGB uint8 image the firewall wrote."""
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise OSError(f"cannot read image {Path(path).name}")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def read_mask_png(path: str | Path) -> np.ndarray:
-    """A bool mask the firewall wrote (> 127 = erythema)."""
-    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if m is None:
-        raise OSError(f"cannot read mask {Path(path).name}")
-    return m > 127

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.io import atomic_write_bytes, atomic_write_json
+from common.io import atomic_write_bytes, atomic_write_json
 from privacy_firewall.calibration import cohort_masks
 from privacy_firewall.figures import heat_map
 from privacy_firewall.firewall import TwinResult

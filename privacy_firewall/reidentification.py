@@ -383,7 +383,7 @@ def reid_gallery_figure(path: str | Path, sources: Sequence[np.ndarray], surroga
 
     import matplotlib.pyplot as plt
 
-    from models.io import atomic_write_bytes
+    from common.io import atomic_write_bytes
 
     n = min(rows, len(surrogates))
     t = _true_index(len(surrogates), len(gallery), true_index)

@@ -6,35 +6,36 @@ backend shares, and one ``conf/backend/<name>.yaml`` per backend, which fills in
 Each value has exactly one home there; these data classes hold the types and the
 checks, so an unknown key or a bad value is a clear :class:`ConfigError`.
 
-The firewall reads nothing else: no federation, model or data settings. A
-project that embeds it (the Flower apps) composes the same ``conf/`` and hands
-the ``firewall`` node to :func:`firewall_settings`.
+The firewall composes and reads nothing else (``conf/privacy_firewall.yaml``:
+its own groups and the shared ``paths``): no federation, model or data settings.
+A project that embeds it (the Flower apps, ``skinfed.config``) composes the whole
+``conf/`` and hands the ``firewall`` node to :func:`firewall_settings`.
 """
 
 from __future__ import annotations
 
-import os
-import shlex
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from common.config import (
+    ConfigError,
+    check_choice,
+    check_positive,
+    check_range,
+    compose,
+    parse_overrides,
+    reject_foreign_overrides,
+    typed,
+)
 
-class ConfigError(ValueError):
-    """A configuration key or value that cannot be used, with what to do instead."""
-
-
-def check_choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, allowed))}")
-
-
-def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
+__all__ = [
+    "OWN_PARTS", "BackendSettings", "ConfigError", "FirewallSettings", "FlowEditSettings", "GateSettings",
+    "IdentitySettings", "MaskSettings", "PromptSettings", "compose_firewall", "firewall_settings",
+    "load_firewall_settings",
+]
 
 
 # ----------------------------------------------------------------------------- the settings
@@ -88,13 +89,6 @@ class FlowEditSettings:
             )
         check_positive("firewall.flowedit.n_avg", self.n_avg)
         check_choice("firewall.flowedit.guidance_mode", self.guidance_mode, ("cfg", "mixed"))
-
-
-def _check_range(name: str, value: list, lowest: float, highest: float, example: str) -> None:
-    """A [from, to] pair with lowest <= from <= to <= highest."""
-    if len(value) != 2 or not lowest <= value[0] <= value[1] <= highest:
-        raise ConfigError(f"{name}={list(value)}: give [from,to] with {lowest:g} <= from <= to <= {highest:g} "
-                          f"(e.g. {name}={example})")
 
 
 @dataclass
@@ -156,9 +150,9 @@ class IdentitySettings:
             if not 0.0 <= value <= 0.5:
                 raise ConfigError(f"firewall.identity.{name}={value}: a fraction of the image side in [0, 0.5] "
                                   "(e.g. 0.1)")
-        _check_range("firewall.identity.redraw_patches", self.redraw_patches, 1, 16, "[1,4]")
-        _check_range("firewall.identity.redraw_area", self.redraw_area, 1e-4, 1.0, "[0.02,0.2]")
-        _check_range("firewall.identity.redraw_region", self.redraw_region, 0.0, 1.0, "[0.25,0.75]")
+        check_range("firewall.identity.redraw_patches", self.redraw_patches, 1, 16, "[1,4]")
+        check_range("firewall.identity.redraw_area", self.redraw_area, 1e-4, 1.0, "[0.02,0.2]")
+        check_range("firewall.identity.redraw_region", self.redraw_region, 0.0, 1.0, "[0.25,0.75]")
 
 
 @dataclass
@@ -231,29 +225,14 @@ class FirewallSettings:
 
 
 # ----------------------------------------------------------------------------- composing conf/
-def conf_dir() -> Path:
-    """The Hydra configuration folder: ``$SKINFED_CONF_DIR``, else ``conf/`` beside
-    this package (a checkout, an editable install or a Flower app bundle)."""
-    env = os.environ.get("SKINFED_CONF_DIR")
-    folder = Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
-    if not (folder / "config.yaml").is_file():
-        raise ConfigError(
-            f"no configuration at {folder} (config.yaml missing): run from a checkout of the project, "
-            "or set SKINFED_CONF_DIR to its conf/ folder"
-        )
-    return folder
+#: The firewall's own parts of ``conf/``: ``firewall.*`` and the ``backend`` group
+#: (which fills ``firewall.backend`` and ``firewall.flowedit``). Every other part
+#: belongs to another program (``common.config.SETTING_OWNERS``).
+OWN_PARTS = ("firewall", "backend")
+#: The firewall's primary config: its own groups and the shared ``paths``.
+CONFIG_NAME = "privacy_firewall"
 
-
-def parse_overrides(text: str | list[str] | None) -> list[str]:
-    """Overrides as a list, from a list or one shell-quoted string."""
-    if text is None:
-        return []
-    if isinstance(text, str):
-        return shlex.split(text)
-    return list(text)
-
-
-#: Keys that moved in version 0.2, with their new place (a hint in the error).
+#: Keys that moved, with their new place (a hint in the error).
 MOVED_KEYS = {
     "backend.": "firewall.backend.",
     "firewall.steps": "firewall.flowedit.steps",
@@ -269,58 +248,18 @@ MOVED_KEYS = {
 }
 
 
-def _moved_hint(item: str) -> str:
-    key = item.split("=", 1)[0].lstrip("+~")
-    for old, new in MOVED_KEYS.items():
-        if key == old or (old.endswith(".") and key.startswith(old)):
-            return f" ({old.rstrip('.')} is now {new.rstrip('.')}: write {new + key[len(old):] if old.endswith('.') else new}=...)"
-    return ""
-
-
-def compose(overrides: str | list[str] | None = None) -> DictConfig:
-    """Compose ``conf/`` with Hydra and apply ``overrides`` (``key=value`` strings)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-
+def compose_firewall(overrides: str | list[str] | None = None) -> DictConfig:
+    """The firewall's part of ``conf/`` (``conf/privacy_firewall.yaml``: the
+    firewall and backend groups and the shared paths) with ``overrides`` applied.
+    Settings of other programs are not composed: an override of one is a
+    ConfigError naming its owner."""
     items = parse_overrides(overrides)
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. firewall.flowedit.n_max=20)")
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            composed = hydra_compose(config_name="config", overrides=items)
-        # Each package types its own part: interpolations across parts
-        # (${paths.home}) must be resolved while the whole is still together.
-        OmegaConf.resolve(composed)
-        return composed
-    except (HydraException, OmegaConfBaseException) as exc:
-        detail = str(exc).split("Config search path")[0].strip()
-        hints = "".join(_moved_hint(i) for i in items)
-        if hints:  # Hydra's "to append use +key" advice would mislead here
-            detail = detail.splitlines()[0]
-        raise ConfigError(f"bad configuration override: {detail}{hints}") from None
-
-
-def typed(schema: type, node: Any, where: str) -> Any:
-    """``node`` checked against the data class ``schema`` (unknown keys, wrong
-    types, bad values) and turned into it."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
-        return OmegaConf.to_object(merged)
-    except ConfigError:
-        raise
-    except OmegaConfBaseException as exc:
-        msg = str(exc).split("\n")[0]
-        key = getattr(exc, "full_key", None)
-        at = f"{where}.{key}" if key else where
-        raise ConfigError(f"bad configuration at {at}: {msg}") from None
+    reject_foreign_overrides(items, OWN_PARTS, "privacy-firewall")
+    return compose(CONFIG_NAME, items, MOVED_KEYS)
 
 
 def firewall_settings(composed: DictConfig) -> FirewallSettings:
-    """The firewall's part of a composed configuration, typed and checked."""
+    """The ``firewall`` node of a composed configuration, typed and checked."""
     try:
         node = composed.firewall
     except OmegaConfBaseException as exc:
@@ -330,4 +269,4 @@ def firewall_settings(composed: DictConfig) -> FirewallSettings:
 
 def load_firewall_settings(overrides: str | list[str] | None = None) -> FirewallSettings:
     """The firewall's settings from ``conf/`` with ``overrides`` applied."""
-    return firewall_settings(compose(overrides))
+    return firewall_settings(compose_firewall(overrides))

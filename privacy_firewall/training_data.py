@@ -15,15 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
+from common.training_pairs import NotDeidentifiedError, TrainingPair, require_training_pairs
+
 _FIREWALL_TOKEN = object()  # only this module holds it
 
-
-class NotDeidentifiedError(TypeError):
-    """Something other than a firewall output was offered to a trainer."""
+__all__ = ["DeidentifiedPair", "NotDeidentifiedError", "deidentified_ids", "load_deidentified", "relabel",
+           "require_deidentified"]
 
 
 @dataclass(frozen=True)
-class DeidentifiedPair:
+class DeidentifiedPair(TrainingPair):
     """A synthetic surrogate (RGB uint8) and its differential mask (bool)."""
 
     id: str
@@ -43,17 +44,13 @@ class DeidentifiedPair:
 
 def require_deidentified(pairs: object) -> list[DeidentifiedPair]:
     """``pairs`` as a list, or NotDeidentifiedError if any item is not a firewall pair."""
-    if isinstance(pairs, (str, Path, np.ndarray)) or not hasattr(pairs, "__iter__"):
-        raise NotDeidentifiedError(
-            f"a trainer takes DeidentifiedPair objects from load_deidentified(), not {type(pairs).__name__}"
-        )
-    out = list(pairs)  # type: ignore[call-overload]
+    out = require_training_pairs(pairs)
     for p in out:
         if not isinstance(p, DeidentifiedPair):
             raise NotDeidentifiedError(
                 f"a trainer takes DeidentifiedPair objects from load_deidentified(), not {type(p).__name__}"
             )
-    return out
+    return out  # type: ignore[return-value]
 
 
 def deidentified_ids(firewall_output: str | Path) -> list[str]:

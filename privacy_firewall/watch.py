@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from models.io import atomic_write_json
+from common.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -42,12 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (the run's own config is used first)")
     args = parser.parse_args(argv)
 
+    from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
     from models import segmentation
-    from models.io import atomic_write_bytes, atomic_write_json, atomic_write_text
     from privacy_firewall.firewall import PhotoRequest, PrivacyFirewall
     from privacy_firewall.masks import differential_mask
     from skinfed.config import load_run_config, load_saved_config
-    from skinfed.data import _clinic_dir, holdout_set, synthetic_hospitals
+    from skinfed.data import clinic_dir, holdout_set, synthetic_hospitals
     from synthetic_clinic.clinic import read_mask, read_rgb
 
     torch.set_num_threads(1)
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     federated = rounds[-1]
     epochs = cfg.federation.num_rounds * cfg.model.local_epochs
 
-    clinic = _clinic_dir(cfg)
+    clinic = clinic_dir(cfg)
     folders = synthetic_hospitals(cfg, cfg.federation.num_hospitals or 4)
     stems = sorted(p.stem for f in folders for p in (f / "images").iterdir())
     originals = [read_rgb(clinic / "images" / f"{s}.png") for s in stems]

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.seeds import HELD_OUT_CLINIC_SEED
 from synthetic_clinic.render import DISTRACTORS
 
 #: Column labels of the tables, in order.
@@ -431,7 +432,7 @@ def distractor_figure(subjects: list[BenchmarkSubject], fw: FirewallMasks, metho
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=64, help="held-out subjects (default 64)")
-    parser.add_argument("--clinic-seed", type=int, default=777, help="a clinic seed no model was trained on")
+    parser.add_argument("--clinic-seed", type=int, default=HELD_OUT_CLINIC_SEED, help="a clinic seed no model was trained on")
     parser.add_argument("--out", type=Path, default=Path("runs/distractors"))
     parser.add_argument("--figure", type=Path, help="also write the figure here (e.g. docs/distractors.png)")
     parser.add_argument("--grounding-dino", help="local Grounding DINO folder (or cached repo id): adds grounded-SAM")
@@ -447,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from models.io import atomic_write_json, atomic_write_text
+    from common.io import atomic_write_json, atomic_write_text
 
     torch.set_num_threads(1)
     segmenters = []

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.io import atomic_write_json
+from common.io import atomic_write_json
 from privacy_firewall.masks import lay_out_erythema_map
 from privacy_firewall.settings import ConfigError, IdentitySettings, load_firewall_settings
 from skinfed.audit.linkage import link_rates, mask_iou_matrix, mask_size_and_count_matrix

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown label source(s) {unknown}; choose from {LABEL_SOURCES}")
 
-    from models.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+    from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
     # The firewall's own scores are the same for every label source: not repeated here.
     shared = [f"federation.num_rounds={args.rounds}", "sweep.eval_subjects=0", *args.overrides]

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from models.io import atomic_write_json
+from common.io import atomic_write_json
 from skinfed.audit.linkage import wilson_interval
 
 

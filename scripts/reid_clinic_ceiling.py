@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.io import atomic_write_json
+from common.seeds import HELD_OUT_CLINIC_SEED
 from models.identity_matcher import TrainSettings
-from models.io import atomic_write_json
 from privacy_firewall.reidentification import (
     LearnedMatcherAttack,
     embedding_attack,
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/reid_ceiling")
     parser.add_argument("--n", type=int, default=64, help="held-out subjects per seed (the gallery)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[777, 778])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[HELD_OUT_CLINIC_SEED, HELD_OUT_CLINIC_SEED + 1])
     parser.add_argument("--train-pairs", type=int, default=512)
     parser.add_argument("--steps", type=int, default=400, help="attacker's matcher training steps")
     parser.add_argument("--threads", type=int, default=1)

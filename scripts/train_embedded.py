@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.io import atomic_torch_save, atomic_write_json
+from common.seeds import HELD_OUT_CLINIC_SEED
 from models.attribute_classifier import HEADS, AttributeClassifier, save_classifier, subject_labels
 from models.flow_unet import ATTRIBUTE_SLOTS, FlowUNet, FlowUNetConfig, load_flow_unet, save_flow_unet
-from models.io import atomic_torch_save, atomic_write_json
 from synthetic_clinic import render_subject
 from synthetic_clinic.render import Subject
 
@@ -377,7 +378,7 @@ def export(args: argparse.Namespace) -> None:
     """Copy the trained weights into models/embedded/ (what the package ships) and
     calibrate the out-of-distribution threshold of the exported model on held-out
     clinic faces (seed 777; the training seed is never used for it)."""
-    from models.io import atomic_write_json
+    from common.io import atomic_write_json
     from privacy_firewall.backends.embedded import OOD_FILE, EmbeddedBackend, calibrate_out_of_distribution
 
     src = Path(args.out)
@@ -391,7 +392,7 @@ def export(args: argparse.Namespace) -> None:
     backend = EmbeddedBackend(load_flow_unet(EMBEDDED_DIR), device=args.device, folder=None)
     images = []
     for i in range(args.ood_subjects):
-        cs = render_subject(777, i, args.size)
+        cs = render_subject(HELD_OUT_CLINIC_SEED, i, args.size)
         images += [cs.pathological, cs.healthy, cs.opposite]
     ood = calibrate_out_of_distribution(backend, images)
     atomic_write_json(EMBEDDED_DIR / OOD_FILE, ood)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.seeds import HELD_OUT_CLINIC_SEED
 from models.attribute_classifier import JUDGE_HEADS, AttributeClassifier, save_classifier, subject_labels
 from models.identity_matcher import (
     AugmentSettings,
@@ -57,7 +58,7 @@ from synthetic_clinic import render, render_subject
 from synthetic_clinic.render import ERYTHEMA_REGIONS
 
 TRAIN_CLINIC_SEED = 12345  # scripts/train_embedded.py: the embedded model's training seed
-HELD_OUT_SEED = 777
+HELD_OUT_SEED = HELD_OUT_CLINIC_SEED
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "models" / "embedded"
 VIEW_NAMES = ("pathological", "healthy", "other_erythema", "opposite", "opposite_healthy")
 
@@ -210,7 +211,7 @@ def distance_figure(scored: dict, threshold: float, path: Path, fmr: float) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from models.io import atomic_write_bytes
+    from common.io import atomic_write_bytes
 
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
     bins = np.linspace(0, 2, 81)

@@ -21,6 +21,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from common.device import resolve_device
 from models import segmentation
 from server.run_directory import RunDirectory
 from server.strategy import NotEnoughHospitals, make_strategy
@@ -54,7 +55,7 @@ def main(grid: Grid, context: Context) -> None:
     # Integer step counters (BatchNorm's) are not averaged, clipped or noised.
     start = without_step_counters(run.checkpoint_state() or model.state_dict())
     images, masks = holdout_set(cfg)
-    device = "cuda" if cfg.federation.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    device = resolve_device(cfg.federation.device, "federation.device")  # a missing GPU is an error, not the CPU
     strategy = make_strategy(cfg, cfg.federation.required_hospitals(len(hospitals)))
     dp = dp_settings(cfg, len(hospitals))
     ledger = PrivacyLedger(dp) if dp.enabled and dp.noise_multiplier > 0 else None

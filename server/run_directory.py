@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from models.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text
+from common.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text
 from skinfed.config import RunConfig as Config
 
 COLUMNS = (

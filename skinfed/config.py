@@ -1,6 +1,7 @@
 """The run's configuration: the federation's own settings, and the whole composed.
 
-``conf/`` holds every value once. Each package types and checks its own part:
+``conf/`` holds every value once. This module composes the whole of it
+(``conf/config.yaml``); each package types and checks its own part:
 ``firewall`` -> :class:`privacy_firewall.settings.FirewallSettings`, ``model`` ->
 :class:`models.segmentation.SegmentationSettings`; the data, federation, paths and
 sweep settings belong to the Flower apps and are defined here.
@@ -16,17 +17,11 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from common import config as common_config
+from common.config import ConfigError, check_choice, check_positive, parse_overrides, typed
+from common.seeds import HELD_OUT_CLINIC_SEED
 from models.segmentation import SegmentationSettings
-from privacy_firewall.settings import (
-    ConfigError,
-    FirewallSettings,
-    check_choice,
-    check_positive,
-    compose,
-    firewall_settings,
-    parse_overrides,
-    typed,
-)
+from privacy_firewall.settings import MOVED_KEYS, FirewallSettings, firewall_settings
 
 __all__ = [
     "ConfigError", "DataSettings", "DifferentialPrivacySettings", "FederationSettings", "RunConfig",
@@ -166,10 +161,12 @@ class PathsSettings:
 @dataclass
 class SweepSettings:
     eval_subjects: int
-    eval_clinic_seed: int
+    eval_clinic_seed: Optional[int]  # null: the held-out clinic (common.seeds.HELD_OUT_CLINIC_SEED)
 
     def __post_init__(self) -> None:
         check_positive("sweep.eval_subjects", self.eval_subjects, allow_zero=True)
+        if self.eval_clinic_seed is None:
+            self.eval_clinic_seed = HELD_OUT_CLINIC_SEED
 
 
 @dataclass
@@ -193,6 +190,17 @@ class RunConfig:
         from dataclasses import replace
 
         return replace(self, federation=replace(self.federation, num_hospitals=int(count)))
+
+
+#: The parts of ``conf/`` a federated run reads (skinfed-run, flwr run,
+#: skinfed-audit): all but the sweeps' own ``sweep.*`` (and the shared paths).
+RUN_PARTS = ("firewall", "backend", "model", "data", "federation", "seed")
+
+
+def compose(overrides: str | list[str] | None = None) -> DictConfig:
+    """The whole ``conf/config.yaml`` with ``overrides`` applied (a moved key is
+    named with its new place)."""
+    return common_config.compose("config", overrides, MOVED_KEYS)
 
 
 def run_config(composed: DictConfig) -> RunConfig:

@@ -29,8 +29,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from models.io import atomic_write_json
-from privacy_firewall.settings import conf_dir
+from common.io import atomic_write_json
+from common.config import conf_dir
 
 #: the sweep folder of the current multirun (set by the first job)
 SWEEP_DIRS: list[Path] = []

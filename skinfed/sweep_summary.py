@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from models.io import atomic_write_bytes, atomic_write_text
+from common.io import atomic_write_bytes, atomic_write_text
 
 METRICS = ("global_dice", "global_iou", "iou_syn_gt", "identity_flip_rate")
 COLUMNS = ("status", *METRICS, "client_dice", "iou_orig_syn", "wall_seconds", "error")

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from privacy_firewall.images import read_mask_png as read_mask  # noqa: F401  (the clinic's readers)
-from privacy_firewall.images import read_rgb_png as read_rgb  # noqa: F401
-from privacy_firewall.images import write_png
+from common.png import read_mask_png as read_mask  # noqa: F401  (the clinic's readers)
+from common.png import read_rgb_png as read_rgb  # noqa: F401
+from common.png import write_png
 from synthetic_clinic.render import Subject, render, sample_subject
 
 FOLDERS = ("images", "masks", "healthy", "opposite", "opposite_masks")

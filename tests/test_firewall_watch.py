@@ -105,8 +105,9 @@ def test_watch_command_once(tmp_path, tiny_config, tiny_embedded_dir, photos, ca
 
     folder, _ = photos
     monkeypatch.setenv("SKINFED_OVERRIDES", f"firewall.backend.model_path={tiny_embedded_dir}")
+    firewall_overrides = [o for o in TINY_OVERRIDES if o.startswith("firewall.")]  # the CLI refuses data.*, model.*
     code = cli.main(["watch", "--once", "-q", "--publish", str(tmp_path / "pub"), str(folder), str(tmp_path / "w"),
-                     *TINY_OVERRIDES])
+                     *firewall_overrides])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and last["state"] == READY and last["ok"] == 3
     assert read_status(tmp_path / "pub").snapshot == last["snapshot"]

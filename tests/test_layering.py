@@ -1,5 +1,5 @@
-"""The firewall is usable on its own: importing it (library and CLI) loads no
-Flower, and it reads none of the federation's settings."""
+"""The packages are layered: the firewall is usable on its own (importing it,
+library and CLI, loads no Flower), and no package imports one above it."""
 
 from __future__ import annotations
 
@@ -24,16 +24,52 @@ def test_privacy_firewall_imports_no_flower():
     assert out.stdout.strip() == "[]"
 
 
+#: What each package must not import: the layers run common -> models and
+#: synthetic_clinic -> privacy_firewall -> skinfed -> client / server, and no arrow
+#: runs back up. Nothing in the product imports the tests or the scripts.
+FORBIDDEN_IMPORTS = {
+    "common": ("models", "synthetic_clinic", "privacy_firewall", "skinfed", "client", "server", "flwr"),
+    "models": ("synthetic_clinic", "privacy_firewall", "skinfed", "client", "server", "flwr"),
+    "synthetic_clinic": ("models", "privacy_firewall", "skinfed", "client", "server", "flwr"),
+    "privacy_firewall": ("skinfed", "client", "server", "flwr"),
+    "skinfed": ("client", "server"),
+    "client": ("server",),
+    "server": ("client",),
+}
+
+
+def _imported_modules(path: Path) -> list[str]:
+    """Every absolute module name ``path`` imports, at any depth of its code."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.append(node.module)
+    return names
+
+
 def test_no_package_imports_upwards():
-    """privacy_firewall and models never import the Flower apps (client, server,
-    skinfed); nothing in the product imports the tests or scripts."""
-    for package, forbidden in (("privacy_firewall", ("flwr", "client", "server", "skinfed", "scripts", "tests")),
-                               ("models", ("flwr", "client", "server", "skinfed", "scripts", "tests")),
-                               ("client", ("scripts", "tests")), ("server", ("scripts", "tests")),
-                               ("skinfed", ("scripts", "tests"))):
+    for package, forbidden in FORBIDDEN_IMPORTS.items():
         for path in (ROOT / package).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                    [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
-                for name in names:
-                    assert name.split(".")[0] not in forbidden, f"{path.relative_to(ROOT)} imports {name}"
+            for name in _imported_modules(path):
+                top = name.split(".")[0]
+                assert top not in (*forbidden, "scripts", "tests"), f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_the_layering_check_sees_an_upward_import(tmp_path):
+    """The check above finds an upward import wherever it sits (inside a function too)."""
+    module = tmp_path / "upwards.py"
+    module.write_text("def f():\n    from privacy_firewall.images import write_png\n    import client.app\n")
+    assert _imported_modules(module) == ["privacy_firewall.images", "client.app"]
+
+
+def test_models_and_the_synthetic_clinic_load_no_firewall():
+    code = (
+        "import sys\n"
+        "import models.segmentation, models.flow_unet, synthetic_clinic.clinic, synthetic_clinic.cli, common.config\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('privacy_firewall', 'skinfed', 'client', 'server'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -21,7 +21,7 @@ def test_overrides_map_to_flwr_run(tmp_path):
     assert key == "overrides"
     carried = json.loads(value)  # a TOML basic string
     # What the ServerApp/ClientApp parse back is exactly what was given.
-    from privacy_firewall.settings import parse_overrides
+    from common.config import parse_overrides
 
     assert parse_overrides(carried) == overrides
     assert cmd[cmd.index("--federation-config") + 1] == (

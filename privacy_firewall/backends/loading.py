@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from privacy_firewall.settings import ConfigError
+from common import device as common_device
 
 logger = logging.getLogger(__name__)
 
@@ -87,16 +87,9 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> cuda when available, else cpu; anything else as given."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"firewall.backend.device={device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"firewall.backend.device={device} but this machine has no CUDA GPU: use firewall.backend.device=cpu or auto")
-    return resolved
+    """``firewall.backend.device`` on this machine (the project's one device rule,
+    :func:`common.device.resolve_device`: a missing GPU is an error, never the CPU)."""
+    return common_device.resolve_device(device, "firewall.backend.device")
 
 
 def _how_to_provide(kind: str, repo_id: str | None = None) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.io import atomic_write_bytes, atomic_write_json
+from common.io import atomic_write_bytes, atomic_write_json
 
 RANKING_ATTACK = "fedavg_replay_seed_secret"  # the headline attack: the hospital's seed is secret
 RANKED_PATIENTS = 6
