@@ -281,19 +281,22 @@ class PrivacyFirewall:
         sexes = self.resolve_sex(requests)
         results: list[TwinResult | None] = [None] * len(requests)
         keys = [self.cache_key(r.digest, s) for r, s in zip(requests, sexes)]
+        prepared = {i: self._prepare(r.pixels) for i, r in enumerate(requests)}
+        # Before the cache: a cached surrogate of a photo the backend now refuses
+        # (its calibration gone, say) must not come back.
+        if self.settings.gate.out_of_distribution_check and requests:
+            for i, reason in enumerate(self.backend.out_of_distribution([prepared[i].pixels for i in prepared])):
+                if reason:
+                    results[i] = TwinResult(status="failed", reason=reason)
         todo = []
         for i, key in enumerate(keys):
+            if results[i] is not None:
+                continue
             hit = self.cache.get(key) if self.cache else None
             if hit is not None:
                 results[i] = self.add_differences(hit)
             else:
                 todo.append(i)
-        prepared = {i: self._prepare(requests[i].pixels) for i in todo}
-        if self.settings.gate.out_of_distribution_check and todo:
-            for i, reason in zip(todo, self.backend.out_of_distribution([prepared[i].pixels for i in todo])):
-                if reason:
-                    results[i] = TwinResult(status="failed", reason=reason)
-            todo = [i for i in todo if results[i] is None]
         # Photos of one working shape share a forward pass.
         by_shape: dict[tuple, list[int]] = {}
         for i in todo:

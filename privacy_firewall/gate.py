@@ -16,7 +16,12 @@ Which matcher (``firewall.gate.matcher=auto``):
 
 With none available the gate cannot show that a surrogate is unlinkable, so it
 refuses every photo (``firewall.gate.require_matcher=true``, the default) or,
-when a person has explicitly turned that off, passes them with a warning.
+when a person has explicitly turned that off, passes them with a warning. A
+matcher that is there but cannot be used (a calibration file missing or
+corrupt, weights that do not load) is an :class:`UnusableMatcher`: every
+surrogate is refused with what is wrong, whatever ``require_matcher`` says.
+Where the matcher finds no face in the photo or its surrogate it cannot check
+either: refused (with ``require_matcher=true``).
 """
 
 from __future__ import annotations
@@ -44,6 +49,19 @@ class IdentityMatcher(Protocol):
 
 
 @dataclass
+class UnusableMatcher:
+    """A matcher that is installed but cannot be used; ``reason`` says why and what to do."""
+
+    name: str
+    reason: str
+    threshold: float = float("nan")
+    false_match_rate: float = float("nan")
+
+    def distances(self, sources: list[np.ndarray], surrogates: list[np.ndarray]) -> np.ndarray:
+        raise RuntimeError(f"the {self.name} cannot be used: {self.reason}")
+
+
+@dataclass
 class GateVerdict:
     passed: bool
     reason: str = ""
@@ -64,6 +82,9 @@ def choose_matcher(settings: GateSettings, backend: Any) -> IdentityMatcher | No
     except ImportError as exc:
         log.warning("no identity matcher for the %s backend (%s)", backend.name, exc)
         return None
+    except RuntimeError as exc:  # dlib is there but its model files do not load
+        return UnusableMatcher("dlib face recogniser", f"its model files do not load ({exc}); reinstall them: "
+                                                       "pip install --force-reinstall face_recognition_models")
 
 
 class IdentityGate:
@@ -77,6 +98,8 @@ class IdentityGate:
     def description(self) -> dict:
         if self.matcher is None:
             return {"matcher": None, "require_matcher": self.settings.require_matcher}
+        if isinstance(self.matcher, UnusableMatcher):
+            return {"matcher": self.matcher.name, "unusable": self.matcher.reason}
         return {"matcher": self.matcher.name, "threshold": float(self.matcher.threshold),
                 "false_match_rate": float(self.matcher.false_match_rate)}
 
@@ -90,13 +113,17 @@ class IdentityGate:
                           "to accept unchecked surrogates")
                 return [GateVerdict(False, reason) for _ in sources]
             return [GateVerdict(True, "not checked (no identity matcher)") for _ in sources]
+        if isinstance(self.matcher, UnusableMatcher):
+            reason = f"the gate's {self.matcher.name} cannot be used, so no surrogate can be checked: {self.matcher.reason}"
+            return [GateVerdict(False, reason) for _ in sources]
         distances = np.asarray(self.matcher.distances(sources, surrogates), dtype=np.float64)
         verdicts = []
         for d in distances:
             if not np.isfinite(d):
                 if self.settings.require_matcher:
-                    verdicts.append(GateVerdict(False, f"the {self.matcher.name} finds no face to compare: it cannot "
-                                                       "show the surrogate is unlinkable"))
+                    verdicts.append(GateVerdict(False, f"the {self.matcher.name} finds no face to compare in the "
+                                                       "photo or its surrogate: it cannot show the surrogate is "
+                                                       "unlinkable, so the photo is refused"))
                 else:
                     verdicts.append(GateVerdict(True, "not checked (no face found)"))
             elif d < self.matcher.threshold:

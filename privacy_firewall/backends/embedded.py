@@ -8,7 +8,10 @@ The model was trained on synthetic-clinic faces only. It says so itself: a photo
 whose denoising error under the model is far above what clinic faces give
 (:meth:`EmbeddedBackend.out_of_distribution`, threshold calibrated with the
 weights in ``out_of_distribution.json``) is refused — a real photo must go
-through ``backend=sd3`` or ``backend=flux``.
+through ``backend=sd3`` or ``backend=flux``. So is a flat image (no clinic face
+is uniform, and a flat image is easy to denoise). A weights folder without a
+readable calibration cannot tell the two apart, so it refuses every photo: a
+missing file never turns the check off.
 """
 
 from __future__ import annotations
@@ -44,6 +47,43 @@ OOD_FILE = "out_of_distribution.json"
 #: Times at which the denoising error is measured (fixed public noise: this is a
 #: check of the input, not an edit).
 OOD_TIMES = (0.2, 0.4, 0.6)
+#: A prepared photo whose every colour channel varies by less than this (standard
+#: deviation over the pixels, grey levels) is flat: refused as no face at all.
+#: The clinic's faces vary by far more (the least of 720 held-out faces at 64 px:
+#: 15.7), while a uniform image has a low denoising error and would pass the
+#: threshold alone.
+MIN_PIXEL_STD = 4.0
+#: The end of every refusal of a photo the embedded model was not made for.
+USE_ANOTHER_BACKEND = ("the embedded model is made for the synthetic clinic only; de-identify real photos "
+                       "with backend=sd3 or backend=flux")
+
+
+def read_ood_calibration(folder: Path | None) -> tuple[float | None, str]:
+    """The refusal threshold in ``folder/out_of_distribution.json``, or (None, why
+    it cannot be used): then every photo is refused with that reason."""
+    if folder is None:
+        return None, ("the embedded model has no out-of-distribution calibration (it was not loaded from a "
+                      f"weights folder with {OOD_FILE}), so it cannot tell a synthetic-clinic face from a real "
+                      "photo and refuses every photo; load it with firewall.backend.model_path=FOLDER")
+    path = folder / OOD_FILE
+    what_to_do = (f"copy {OOD_FILE} from the folder these weights came from (the package ships "
+                  f"models/embedded/{OOD_FILE}), or calibrate it on held-out clinic faces with "
+                  "privacy_firewall.backends.embedded.calibrate_out_of_distribution")
+    try:
+        threshold = float(json.loads(path.read_text())["threshold"])
+    except FileNotFoundError:
+        problem = f"{path} is missing"
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = f"{path} cannot be read ({type(exc).__name__}: {exc})"
+    except (ValueError, KeyError, TypeError) as exc:  # bad JSON, no threshold, or not a number
+        problem = f"{path} is corrupt ({type(exc).__name__}: {exc}; it needs a number under \"threshold\")"
+    else:
+        if np.isfinite(threshold) and threshold > 0:
+            return threshold, ""
+        problem = f"{path} holds an unusable threshold {threshold!r} (it must be a positive number)"
+    return None, (f"the embedded model's out-of-distribution calibration {problem}: without it the backend "
+                  "cannot tell a synthetic-clinic face from a real photo, so it refuses every photo; "
+                  f"{what_to_do}")
 
 
 class EmbeddedBackend(FlowBackend):
@@ -62,9 +102,8 @@ class EmbeddedBackend(FlowBackend):
         self.fingerprint = ""
         self._classifier: Any = None
         self._matcher: Any = None
-        self.ood_threshold: float | None = None
-        if folder is not None and (folder / OOD_FILE).is_file():
-            self.ood_threshold = float(json.loads((folder / OOD_FILE).read_text())["threshold"])
+        # None (with the reason in ood_problem) refuses every photo.
+        self.ood_threshold, self.ood_problem = read_ood_calibration(folder)
 
     @classmethod
     def from_settings(cls, settings: BackendSettings) -> EmbeddedBackend:
@@ -111,10 +150,12 @@ class EmbeddedBackend(FlowBackend):
         return self._classifier
 
     def identity_matcher(self) -> Any | None:
-        if self._matcher is None and self.folder is not None and (self.folder / "identity_matcher.safetensors").exists():
-            from models.identity_matcher import load_identity_matcher
-
-            self._matcher = load_identity_matcher(self.folder)
+        """The matcher shipped with the weights; None when the folder has none. A
+        matcher whose files are half there or unreadable is an
+        :class:`~privacy_firewall.gate.UnusableMatcher`: the gate refuses every
+        surrogate rather than fall back to a matcher not made for these faces."""
+        if self._matcher is None and self.folder is not None:
+            self._matcher = load_shipped_matcher(self.folder)
         return self._matcher
 
     def denoising_error(self, images: list[np.ndarray]) -> np.ndarray:
@@ -133,16 +174,23 @@ class EmbeddedBackend(FlowBackend):
         return torch.stack(errors).mean(0).cpu().numpy()
 
     def out_of_distribution(self, images: list[np.ndarray]) -> list[str | None]:
-        if self.ood_threshold is None or not images:
-            return [None] * len(images)
+        if not images:
+            return []
+        if self.ood_threshold is None:
+            return [self.ood_problem] * len(images)
         errors = self.denoising_error(images)
-        return [
-            None if e <= self.ood_threshold else
-            (f"not a synthetic-clinic face (the embedded model's denoising error {e:.3f} is above its "
-             f"{self.ood_threshold:.3f} limit): the embedded model is made for the synthetic clinic only; "
-             "de-identify real photos with backend=sd3 or backend=flux")
-            for e in errors
-        ]
+        reasons: list[str | None] = []
+        for image, error in zip(images, errors):
+            spread = float(np.asarray(image).reshape(-1, image.shape[-1]).std(0).max())
+            if spread < MIN_PIXEL_STD:
+                reasons.append(f"not a synthetic-clinic face (a flat image: its pixels vary by {spread:.1f} grey "
+                               f"levels, under {MIN_PIXEL_STD:g}): {USE_ANOTHER_BACKEND}")
+            elif not error <= self.ood_threshold:  # NaN is refused too
+                reasons.append(f"not a synthetic-clinic face (the embedded model's denoising error {error:.3f} is "
+                               f"above its {self.ood_threshold:.3f} limit): {USE_ANOTHER_BACKEND}")
+            else:
+                reasons.append(None)
+        return reasons
 
     # -- the model -----------------------------------------------------------------------
     def _encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -164,6 +212,34 @@ class EmbeddedBackend(FlowBackend):
     def timesteps(self, num_steps: int, image_size: tuple[int, int]) -> torch.Tensor:
         # Uniform in t, as the model was trained (logit-normal t covers it).
         return torch.linspace(1.0, 0.0, num_steps + 1)
+
+
+def load_shipped_matcher(folder: Path) -> Any | None:
+    """``folder``'s identity matcher (``identity_matcher.safetensors`` + ``.json``),
+    None when neither file is there, an UnusableMatcher when it cannot be used."""
+    from models.identity_matcher import MATCHER_NAME, load_identity_matcher
+    from privacy_firewall.gate import UnusableMatcher
+
+    files = [folder / f"{MATCHER_NAME}.safetensors", folder / f"{MATCHER_NAME}.json"]
+    present = [f.is_file() for f in files]
+    if not any(present):
+        return None
+    what_to_do = ("restore both identity_matcher files from the folder these weights came from (the package "
+                  "ships them in models/embedded)")
+    if not all(present):
+        missing = next(f for f, here in zip(files, present) if not here)
+        return UnusableMatcher("embedded identity matcher", f"{missing} is missing: {what_to_do}")
+    try:
+        matcher = load_identity_matcher(folder)
+        threshold, fmr = float(matcher.threshold), float(matcher.false_match_rate)
+    except Exception as exc:  # any unreadable part: refuse, never guess
+        return UnusableMatcher("embedded identity matcher",
+                               f"{folder / MATCHER_NAME}.* cannot be loaded ({type(exc).__name__}: {exc}): {what_to_do}")
+    if not (np.isfinite(threshold) and threshold > 0 and 0 <= fmr <= 1):
+        return UnusableMatcher("embedded identity matcher",
+                               f"{files[1]} holds an unusable calibration (threshold {threshold!r}, false-match "
+                               f"rate {fmr!r}): {what_to_do}")
+    return matcher
 
 
 def calibrate_out_of_distribution(backend: EmbeddedBackend, images: list[np.ndarray], margin: float = 2.5) -> dict:
