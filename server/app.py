@@ -35,6 +35,9 @@ from skinfed.differential_privacy import (
     without_step_counters,
     wrap_strategy,
 )
+from skinfed.hospital_replies import PrepareReply
+from skinfed.patient_privacy import build_federated_model, patient_train_config, summary_line, write_run_summary
+from skinfed.round_config import train_config
 
 app = ServerApp()
 log = logging.getLogger("skinfed.server")
@@ -51,7 +54,7 @@ def main(grid: Grid, context: Context) -> None:
     say(f"run directory: {run.path}" + (f" (resuming after round {run.offset})" if run.offset else ""))
     prepare_hospitals(grid, hospitals, cfg)
 
-    model = segmentation.build_model(cfg.model)
+    model = build_federated_model(cfg)  # GroupNorm under patient-level DP, as the hospitals build it
     # Integer step counters (BatchNorm's) are not averaged, clipped or noised.
     start = without_step_counters(run.checkpoint_state() or model.state_dict())
     images, masks = holdout_set(cfg)
@@ -78,6 +81,7 @@ def main(grid: Grid, context: Context) -> None:
             strategy.evaluate_summary.get(server_round, {}),
             {k: v.detach().cpu() for k, v in model.state_dict().items()},
         )
+        write_run_summary(run.path, run.rounds)  # privacy.json: per-hospital epsilon (patient-level DP)
         say(round_line(record, cfg.federation.num_rounds))
         return MetricRecord({k: float(scores[k]) for k in ("dice", "iou", "loss")}) if scores else None
 
@@ -89,7 +93,8 @@ def main(grid: Grid, context: Context) -> None:
                 initial_arrays=ArrayRecord(start),
                 num_rounds=rounds_left,
                 timeout=cfg.federation.round_timeout,
-                train_config=ConfigRecord({"local-epochs": cfg.model.local_epochs, **dp_train_config(dp)}),
+                train_config=ConfigRecord({**train_config(cfg.model.local_epochs), **dp_train_config(dp),
+                                           **patient_train_config(cfg, run.path.name)}),
                 evaluate_fn=evaluate_global,
             )
             final = result.arrays.to_torch_state_dict() if len(result.arrays) else start
@@ -104,6 +109,8 @@ def main(grid: Grid, context: Context) -> None:
     if ledger is not None:
         say(f"differential privacy: epsilon {ledger.epsilon:.2f} at delta {dp.delta:g} after {ledger.rounds} rounds "
             f"({dp.mode}, noise multiplier {dp.noise_multiplier})")
+    if line := summary_line(write_run_summary(run.path, run.rounds)):
+        say(line)
     run.finish(final, cfg)
     say(f"done: {len(run.rounds) - 1} rounds; results in {run.path}")
     say(f"  metrics: {run.path / 'metrics.json'}  curve: {run.path / 'convergence.png'}")
@@ -168,10 +175,10 @@ def prepare_hospitals(grid: Grid, hospitals: list[int], cfg: RunConfig) -> None:
         elif reply.has_error():
             say(f"  hospital {node}: failed ({reply.error.reason.splitlines()[0][:200]})")
         else:
-            m = reply.content["metrics"]
-            ready += int(m["ready"])
-            state = "ready" if m["ready"] else "not ready"
-            say(f"  hospital {node}: {state}, {int(m['accepted'])} photos de-identified, {int(m['refused'])} refused")
+            m = PrepareReply.from_record(reply.content["metrics"])
+            ready += int(m.ready)
+            state = "ready" if m.ready else f"not ready ({m.done} of {m.total} photos done)"
+            say(f"  hospital {node}: {state}, {m.accepted} photos de-identified, {m.refused} refused")
     say(f"privacy firewall: {ready} of {len(hospitals)} hospital(s) ready after {time.time() - t0:.0f} s")
 
 

@@ -36,11 +36,13 @@ COLUMNS = (
     "round", "global_dice", "global_iou", "global_loss", "train_loss", "client_dice", "client_iou",
     "clients_trained", "clients_failed", "train_examples", "firewall_accepted", "firewall_refused", "seconds",
     "seconds_total", "clients_missed", "clients_not_ready", "hospitals_trained", "hospitals_failed",
-    "hospitals_missed", "hospitals_not_ready",
+    "hospitals_missed", "hospitals_not_ready", "epsilon",
 )
 #: Per-round lists of hospital node ids (ids only): which trained, whose ClientApp
 #: failed, which never replied, and whose firewall was not ready (with its counts).
 HOSPITAL_LISTS = ("hospitals_trained", "hospitals_failed", "hospitals_missed", "hospitals_not_ready")
+#: Per-round patient-level DP (skinfed.patient_privacy.round_summary), when the run has it.
+PRIVACY_KEYS = ("epsilon", "dp_accounting", "hospitals_epsilon", "hospitals_dp_budget_spent")
 
 
 def _csv_ids(value) -> str | None:
@@ -125,6 +127,8 @@ class RunDirectory:
             "clients_missed": train.get("clients_missed"),
             "clients_not_ready": train.get("clients_not_ready"),
             **{key: train.get(key) for key in HOSPITAL_LISTS},
+            # Patient-level DP: the largest epsilon over the hospitals and that hospital's accounting.
+            **{key: train[key] for key in PRIVACY_KEYS if key in train},
         }
         now = time.time()
         record["seconds"] = round(now - self.last_recorded, 2)  # this round (round 0: set-up and first scoring)

@@ -69,16 +69,23 @@ class ClientResources:
 
 @dataclass
 class DifferentialPrivacySettings:
-    """Flower's differential privacy around the strategy (``federation.dp``)."""
+    """Differential privacy (``federation.dp``): Flower's hospital-level DP around
+    the strategy, or patient-level DP-SGD inside each hospital's training (``patient``)."""
 
-    mode: str  # off | client-fixed | client-adaptive | server-fixed | server-adaptive
-    noise_multiplier: float
+    mode: str  # off | client-fixed | client-adaptive | server-fixed | server-adaptive | patient
+    noise_multiplier: float  # Flower's on the average; patient: DP-SGD's on each step (unless target_epsilon)
     clipping_norm: float  # initial norm for adaptive clipping
-    delta: float  # of the (epsilon, delta) reported per round
+    delta: float  # of the (epsilon, delta) reported per round; patient: capped at 1 / the hospital's patients
+    # patient mode only: the noise for this epsilon over the planned rounds x local
+    # epochs instead of noise_multiplier; the per-sample clipping norm; the budget
+    # past which a hospital refuses to train (null: none).
+    target_epsilon: Optional[float] = None
+    max_grad_norm: float = 1.0
+    max_epsilon: Optional[float] = None
 
     def __post_init__(self) -> None:
         check_choice("federation.dp.mode", self.mode,
-                ("off", "client-fixed", "client-adaptive", "server-fixed", "server-adaptive"))
+                ("off", "client-fixed", "client-adaptive", "server-fixed", "server-adaptive", "patient"))
         check_positive("federation.dp.noise_multiplier", self.noise_multiplier, allow_zero=True)
         check_positive("federation.dp.clipping_norm", self.clipping_norm)
         if not 0 < self.delta < 1:
@@ -87,6 +94,18 @@ class DifferentialPrivacySettings:
 
 @dataclass
 class FederationSettings:
+        check_positive("federation.dp.max_grad_norm", self.max_grad_norm)
+        for name in ("target_epsilon", "max_epsilon"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < float("inf"):
+                raise ConfigError(f"federation.dp.{name}={value} must be a number > 0, or null")
+        if self.mode == "patient" and self.target_epsilon is None and self.noise_multiplier <= 0:
+            raise ConfigError("federation.dp.mode=patient needs federation.dp.noise_multiplier > 0 "
+                              "or federation.dp.target_epsilon")
+        if (self.target_epsilon is not None and self.max_epsilon is not None
+                and self.max_epsilon < self.target_epsilon):
+            raise ConfigError(f"federation.dp.max_epsilon={self.max_epsilon} is below "
+                              f"federation.dp.target_epsilon={self.target_epsilon}: the run could never finish")
     """The federation (``conf/federation/default.yaml``)."""
 
     # Hospitals: null = as many as Flower started (the simulation's num-supernodes,
@@ -133,6 +152,10 @@ class FederationSettings:
         if m != "majority":
             try:
                 m = int(m)
+        if self.dp.mode == "patient" and self.strategy == "fedprox":
+            # Opacus noises the per-sample loss gradients only: a proximal term would go unaccounted.
+            raise ConfigError("federation.dp.mode=patient does not support federation.strategy=fedprox: "
+                              "use fedavg or fedadam")
             except (TypeError, ValueError):
                 raise ConfigError(
                     f"federation.min_available_hospitals={m!r}: give a number of hospitals or majority"

@@ -123,7 +123,10 @@ class DpSettings:
     def from_config(cls, dp: Any, num_sampled_clients: int, population_size: int, **extra: Any) -> DpSettings:
         """From the run config's ``federation.dp`` (anything with ``mode``,
         ``noise_multiplier``, ``clipping_norm``, ``delta``) and the federation's size."""
-        return cls(mode=dp.mode, noise_multiplier=float(dp.noise_multiplier), clipping_norm=float(dp.clipping_norm),
+        # Patient-level DP (mode patient) is DP-SGD inside the hospitals' training
+        # (skinfed.patient_privacy): Flower's central DP stays off.
+        mode = "off" if dp.mode == "patient" else dp.mode
+        return cls(mode=mode, noise_multiplier=float(dp.noise_multiplier), clipping_norm=float(dp.clipping_norm),
                    delta=float(dp.delta), num_sampled_clients=num_sampled_clients, population_size=population_size,
                    **extra)
 
