@@ -144,15 +144,24 @@ def test_judge_labels_are_the_captions_phrases():
             assert tuple(labels) == tuple(slots[head]), head
 
 
-@pytest.mark.skipif(not (EMBEDDED / "identity_matcher.safetensors").exists(), reason="no shipped identity matcher")
-def test_shipped_matcher_separates_held_out_subjects():
+def test_shipped_matcher_meets_its_false_match_rate_on_held_out_people():
+    """The shipped matcher's claim, measured on people it never saw (clinic seed
+    778; it was trained on 12345 and calibrated on 777): of 150 pairs of
+    different people (disjoint, so independent) at most as many are called the
+    same as a false-match rate of ``false_match_rate`` allows (Bin(150, FMR),
+    one-sided p = 0.001); and every held-out patient is still linked to their
+    own face without erythema and as the opposite sex (the claimed true-match rate 1.0)."""
+    from scipy.stats import binom
+
     matcher = load_identity_matcher(EMBEDDED)
-    assert 0 < matcher.threshold < 2 and matcher.false_match_rate <= 0.05 + 1e-3
-    cs = [render_subject(778, i, 64, view="full_face") for i in range(12)]
-    same = matcher.distance([c.pathological for c in cs], [c.healthy for c in cs])
-    other = matcher.distance([c.pathological for c in cs], [c.pathological for c in cs[1:] + cs[:1]])
-    assert np.mean(same < matcher.threshold) >= 0.75
-    assert np.mean(other < matcher.threshold) <= 0.25  # FMR 5 %: expect 0-1 of 12
+    cs = [render_subject(778, i, 64) for i in range(300)]
+    sources = matcher.embed([c.pathological for c in cs])
+    impostor = np.linalg.norm(sources[0::2] - sources[1::2], axis=1)
+    false_matches = int((impostor < matcher.threshold).sum())
+    assert false_matches <= binom.isf(0.001, len(impostor), matcher.false_match_rate), false_matches
+    for variant in ("healthy", "opposite"):
+        genuine = matcher.distance(sources, [getattr(c, variant) for c in cs])
+        assert (genuine < matcher.threshold).mean() >= 0.98, variant
 
 
 @pytest.mark.skipif(not (EMBEDDED / "attribute_judge.safetensors").exists(), reason="no shipped attribute judge")
