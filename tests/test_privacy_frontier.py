@@ -33,10 +33,20 @@ def test_a_point_without_dice_is_named(tmp_path):
         privacy_frontier.main(["--points", str(path), "--figure", str(tmp_path / "x.png")])
 
 
-def test_the_shipped_points_load():
-    """docs/privacy_frontier.json (the README's frontier) stays readable."""
-    points = privacy_frontier.load_points(privacy_frontier.DOCS / "privacy_frontier.json")
-    assert any("default" in p["name"] for p in points)
+def test_the_shipped_points_make_the_table_and_figure(tmp_path, capsys):
+    """docs/privacy_frontier.json (the README's frontier) goes through the script:
+    one row per measured configuration, its Dice as measured, and each point
+    says where its numbers come from."""
+    shipped = privacy_frontier.DOCS / "privacy_frontier.json"
+    raw = json.loads(shipped.read_text())
+    assert raw and all(isinstance(p.get("source"), str) and p["source"].strip() for p in raw)
+    figure = tmp_path / "frontier.png"
+    assert privacy_frontier.main(["--points", str(shipped), "--figure", str(figure)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == len(raw)
+    for row, point in zip(rows, raw):
+        assert row.startswith(f"| {point['name']} | {point['dice']:.3f} |"), row
+    assert figure.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_missing_or_broken_points_file_is_named(tmp_path):
