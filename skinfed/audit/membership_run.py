@@ -1,0 +1,139 @@
+"""Membership inference on a finished simulation's global model.
+
+    python -m skinfed.audit.membership_run RUN_DIR [--shadows 4] [--shadow-epochs N] [--device cpu]
+
+Members are the hospitals' de-identified training pairs (what the global model
+was trained on); non-members are the hospitals' validation pairs (the same
+firewall, the same populations, never trained on), as many of each. The shadow
+models of the likelihood-ratio attack train on *public* data only: renders of
+the synthetic clinic at a seed no hospital or held-out set uses, with the run's
+recipe (its U-Net, ``model.*`` and, under ``federation.dp.mode=patient``, its
+DP-SGD noise and clipping), centralised for ``federation.num_rounds x
+model.local_epochs`` epochs unless ``--shadow-epochs`` says otherwise.
+
+Prints one JSON object (AUC and TPR at 1 % FPR of each attack, the run's
+epsilon when it has one) and writes it to ``RUN_DIR/membership.json``. Needs the
+hospitals' firewall output on this machine (the simulation's node folders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skinfed.audit.membership import membership_audit, train_shadow_models
+
+#: The public world's clinic seed for the shadows (no hospital, held-out or sweep seed).
+PUBLIC_SHADOW_SEED = 90_210
+
+
+def _global_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    if (run_dir / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(run_dir / "model.safetensors"))
+    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def audit_run(run_dir: str | Path, num_shadows: int = 4, shadow_epochs: int | None = None,
+              max_candidates: int = 64, device: str = "cpu") -> dict:
+    """Both membership attacks on the run's global model (see the module docstring)."""
+    from client.hospital import load_hospital
+    from models import private_training, segmentation
+    from skinfed.config import load_saved_config
+    from skinfed.data import simulation_hospitals
+    from skinfed.patient_privacy import build_federated_model, is_patient_dp
+    from synthetic_clinic import render_subject
+
+    run_dir = Path(run_dir)
+    cfg = load_saved_config(run_dir / "config.yaml")
+    model = build_federated_model(cfg)
+    model.load_state_dict(_global_state(run_dir), strict=False)
+
+    hospitals = [load_hospital(cfg, folder) for folder in simulation_hospitals(cfg, cfg.federation.num_hospitals)]
+    trained = [p for h in hospitals for p in h.train]
+    held_out = [p for h in hospitals for p in h.validation]
+    count = min(len(trained), len(held_out), max_candidates)
+    if count < 2:
+        raise SystemExit(f"membership audit: {len(trained)} training and {len(held_out)} validation pairs; "
+                         "it needs 2 or more of each (data.val_fraction > 0)")
+    rng = np.random.default_rng(cfg.seed)
+    members = [trained[i] for i in rng.choice(len(trained), count, replace=False)]
+    non_members = [held_out[i] for i in rng.choice(len(held_out), count, replace=False)]
+
+    epochs = shadow_epochs or cfg.federation.num_rounds * cfg.model.local_epochs
+    shadow_size = max(2, len(trained))
+    public = [render_subject(PUBLIC_SHADOW_SEED, i, cfg.data.image_size) for i in range(2 * shadow_size)]
+    dp = cfg.federation.dp
+
+    def train_shadow(images, masks, seed):
+        torch.manual_seed(cfg.seed)  # the federation's public initialisation
+        shadow = build_federated_model(cfg)
+        if is_patient_dp(cfg):
+            # The hospitals' DP-SGD; the noise for a target epsilon is read off the run's record.
+            x = segmentation.to_batch(list(images))
+            y = torch.from_numpy(np.stack(masks)).float()[:, None]
+            noise = _run_noise(run_dir) or dp.noise_multiplier
+            private_training.fit_private(shadow, x, y, cfg.model, noise_multiplier=noise,
+                                         max_grad_norm=dp.max_grad_norm, epochs=epochs, device=device, seed=seed)
+        else:
+            segmentation.train_centralised_baseline(shadow, list(images), list(masks), cfg.model, epochs=epochs,
+                                                    device=device, seed=seed)
+        return shadow
+
+    t0 = time.perf_counter()
+    shadows = train_shadow_models(train_shadow, [s.pathological for s in public], [s.mask for s in public],
+                                  num_shadows=num_shadows, shadow_size=shadow_size, seed=cfg.seed + 1)
+    attacks = membership_audit(model, ([p.surrogate for p in members], [p.mask for p in members]),
+                               ([p.surrogate for p in non_members], [p.mask for p in non_members]), shadows, device)
+    summary = json.loads((run_dir / "privacy.json").read_text()) if (run_dir / "privacy.json").is_file() else {}
+    return {
+        "run": run_dir.name,
+        "dp_mode": dp.mode,
+        "epsilon": summary.get("epsilon"),
+        "delta": (summary.get("dp_accounting") or {}).get("delta"),
+        "members": count, "non_members": count,
+        "shadows": num_shadows, "shadow_size": shadow_size, "shadow_epochs": epochs,
+        "shadow_data": f"public synthetic clinic, seed {PUBLIC_SHADOW_SEED}",
+        "attacks": attacks,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _run_noise(run_dir: Path) -> float | None:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    noises = [r["dp_accounting"]["noise_multiplier"] for r in metrics.get("rounds", []) if r.get("dp_accounting")]
+    return float(noises[-1]) if noises else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m skinfed.audit.membership_run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir")
+    parser.add_argument("--shadows", type=int, default=4, help="shadow models (2 or more; LiRA)")
+    parser.add_argument("--shadow-epochs", type=int, default=None,
+                        help="shadow training epochs (default federation.num_rounds x model.local_epochs)")
+    parser.add_argument("--max-candidates", type=int, default=64, help="members and non-members, each")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        parser.error(f"{run_dir} is not a run directory (no config.yaml)")
+    if args.shadows < 2:
+        parser.error("--shadows must be 2 or more")
+    report = audit_run(run_dir, args.shadows, args.shadow_epochs, args.max_candidates, args.device)
+    from common.io import atomic_write_json
+
+    atomic_write_json(run_dir / "membership.json", report)
+    print(json.dumps(report), file=sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
