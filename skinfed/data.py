@@ -25,9 +25,12 @@ from skinfed.config import RunConfig
 log = logging.getLogger(__name__)
 
 
-def _clinic_dir(cfg: RunConfig) -> Path:
+def clinic_dir(cfg: RunConfig) -> Path:
+    """Where the simulation's synthetic clinic is generated (one folder per world,
+    seed, size and resolution)."""
     d = cfg.data
-    return Path(cfg.paths.home).expanduser() / "clinics" / f"seed{d.clinic_seed}-n{d.num_subjects}-px{d.image_size}"
+    return (Path(cfg.paths.home).expanduser() / "clinics"
+            / f"{d.world}-seed{d.clinic_seed}-n{d.num_subjects}-px{d.image_size}")
 
 
 def _split_key(cfg: RunConfig, num_hospitals: int) -> str:
@@ -44,13 +47,14 @@ def synthetic_hospitals(cfg: RunConfig, num_hospitals: int, progress: bool = Fal
     from synthetic_clinic.clinic import generate_clinic, read_metadata
     from synthetic_clinic.hospitals import split_hospitals
 
-    clinic = _clinic_dir(cfg)
+    clinic = clinic_dir(cfg)
     root = clinic / _split_key(cfg, num_hospitals)
     folders = [root / f"hospital_{h}" for h in range(num_hospitals)]
     if all((f / "images").is_dir() for f in folders):
         return folders
     if not (clinic / "metadata.csv").is_file():
-        generate_clinic(clinic, cfg.data.num_subjects, cfg.data.clinic_seed, cfg.data.image_size, progress=progress)
+        generate_clinic(clinic, cfg.data.num_subjects, cfg.data.clinic_seed, cfg.data.image_size, progress=progress,
+                        world=cfg.data.world)
     rows = read_metadata(clinic)
     parts = split_hospitals(rows, num_hospitals, cfg.federation.partitioning,
                             cfg.federation.skew_by, cfg.federation.dirichlet_alpha, seed=cfg.seed)
@@ -89,14 +93,29 @@ def simulation_hospitals(cfg: RunConfig, num_hospitals: int) -> list[Path]:
     return folders
 
 
+def holdout_subjects(cfg: RunConfig, world: str | None = None) -> list:
+    """The synthetic held-out originals (``synthetic_clinic.ClinicSubject``) of
+    ``world`` (default ``data.world``): a clinic seed no hospital holds. In the
+    hospital world they are balanced over the presentations (subject ``i`` shows
+    presentation ``i mod 4``), so every presentation is scored on as many faces."""
+    from synthetic_clinic import render_subject
+    from synthetic_clinic.render import PRESENTATIONS
+
+    world = world or cfg.data.world
+    d = cfg.data
+    if world == "public":
+        return [render_subject(d.holdout_seed, i, d.image_size) for i in range(d.holdout_subjects)]
+    return [render_subject(d.holdout_seed, i, d.image_size, world="hospital",
+                           presentation=PRESENTATIONS[i % len(PRESENTATIONS)]) for i in range(d.holdout_subjects)]
+
+
 def holdout_set(cfg: RunConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Held-out original identities with ground-truth masks, for the server's
-    evaluation: a separate synthetic clinic seed no hospital holds, or
-    ``<data.folder>/holdout/{images,masks}`` with real data."""
+    evaluation: a separate synthetic clinic seed no hospital holds
+    (:func:`holdout_subjects`), or ``<data.folder>/holdout/{images,masks}`` with
+    real data."""
     if cfg.data.source == "synthetic":
-        from synthetic_clinic import render_subject
-
-        subjects = [render_subject(cfg.data.holdout_seed, i, cfg.data.image_size) for i in range(cfg.data.holdout_subjects)]
+        subjects = holdout_subjects(cfg)
         return [s.pathological for s in subjects], [s.mask for s in subjects]
     return _folder_holdout(Path(cfg.data.folder).expanduser() / "holdout", cfg.data.image_size)
 

@@ -1,7 +1,7 @@
 """`synthetic-clinic`: generate a synthetic clinic, draw a sample sheet, split into hospitals.
 
-    synthetic-clinic generate OUT --n 200 --seed 0 [--size 64]
-    synthetic-clinic sheet OUT.png --n 6 --seed 0 [--size 128]
+    synthetic-clinic generate OUT --n 200 --seed 0 [--size 64] [--world public|hospital]
+    synthetic-clinic sheet OUT.png --n 6 --seed 0 [--size 128]   (both worlds side by side)
     synthetic-clinic split CLINIC --hospitals 4 [--partitioning dirichlet --alpha 0.5]
 """
 
@@ -17,28 +17,35 @@ import numpy as np
 
 
 def _sheet(out: Path, n: int, seed: int, size: int) -> Path:
+    """Rows of subjects: the public world's on the left, the hospital world's on
+    the right, one row per presentation the hospital world has."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from synthetic_clinic.clinic import render_subject
+    from synthetic_clinic.render import PRESENTATIONS
 
     titles = ("pathological", "healthy twin", "opposite sex", "erythema mask")
-    fig, axes = plt.subplots(n, 4, figsize=(8, 2.1 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 8, figsize=(16, 2.1 * n), squeeze=False)
     for row in range(n):
-        cs = render_subject(seed, row, size)
-        s = cs.subject
-        for col, img in enumerate((cs.pathological, cs.healthy, cs.opposite, cs.mask)):
-            ax = axes[row][col]
-            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1 if img.ndim == 2 else None)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(titles[col], fontsize=10)
-        axes[row][0].set_ylabel(f"{s.sex}, {s.skin_tone_group}\n{s.view.replace('_', ' ')}", fontsize=8)
-        axes[row][3].set_xlabel("+".join(r.replace("_", " ") for r in s.erythema_regions), fontsize=7)
-    fig.suptitle(f"synthetic clinic, seed {seed}", fontsize=11)
+        public = render_subject(seed, row, size)
+        hospital = render_subject(seed, row, size, world="hospital", presentation=PRESENTATIONS[row % len(PRESENTATIONS)])
+        for half, cs in enumerate((public, hospital)):
+            s = cs.subject
+            for col, img in enumerate((cs.pathological, cs.healthy, cs.opposite, cs.mask)):
+                ax = axes[row][4 * half + col]
+                ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1 if img.ndim == 2 else None)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if row == 0:
+                    ax.set_title(f"{('public', 'hospital')[half]} world: {titles[col]}", fontsize=8)
+            axes[row][4 * half].set_ylabel(f"{s.sex}, {s.skin_tone_group}\n{s.view.replace('_', ' ')}", fontsize=8)
+            axes[row][4 * half + 3].set_xlabel(
+                f"{s.presentation.replace('_', ' ')}: " + "+".join(r.replace("_", " ") for r in s.erythema_regions),
+                fontsize=7)
+    fig.suptitle(f"synthetic clinic, seed {seed}: the public world and the hospital world", fontsize=11)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -56,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--size", type=int, default=64, help="image side in pixels (64, 256, 512 ...)")
     gen.add_argument("--start", type=int, default=0, help="index of the first subject")
+    gen.add_argument("--world", choices=("public", "hospital"), default="public",
+                     help="public: what anyone can render (default); hospital: the hospitals' patients, with "
+                          "presentations the public world lacks (synthetic_clinic.worlds)")
     sheet = sub.add_parser("sheet", help="save a PNG sheet of sample subjects")
     sheet.add_argument("out", type=Path)
     sheet.add_argument("--n", type=int, default=6)
@@ -65,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     split.add_argument("clinic", type=Path)
     split.add_argument("--hospitals", type=int, required=True)
     split.add_argument("--partitioning", choices=("dirichlet", "iid"), default="dirichlet")
-    split.add_argument("--skew-by", nargs="+", default=["skin_tone_group", "view"])
+    split.add_argument("--skew-by", nargs="+", default=["presentation", "skin_tone_group"],
+                       help="metadata.csv columns whose mix differs between hospitals")
     split.add_argument("--alpha", type=float, default=0.5)
     split.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -79,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             from synthetic_clinic.clinic import generate_clinic
 
             t0 = time.time()
-            generate_clinic(args.out, args.n, args.seed, args.size, start=args.start)
+            generate_clinic(args.out, args.n, args.seed, args.size, start=args.start, world=args.world)
             dt = time.time() - t0
-            print(json.dumps({"out": str(args.out), "subjects": args.n, "seconds": round(dt, 2),
+            print(json.dumps({"out": str(args.out), "world": args.world, "subjects": args.n, "seconds": round(dt, 2),
                               "images_per_second": round(5 * args.n / dt, 1)}))
         elif args.command == "sheet":
             print(_sheet(args.out, args.n, args.seed, args.size))

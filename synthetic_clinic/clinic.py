@@ -29,6 +29,7 @@ from common.png import read_mask_png as read_mask  # noqa: F401  (the clinic's r
 from common.png import read_rgb_png as read_rgb  # noqa: F401
 from common.png import write_png
 from synthetic_clinic.render import Subject, render, sample_subject
+from synthetic_clinic.worlds import check_world, in_world
 
 FOLDERS = ("images", "masks", "healthy", "opposite", "opposite_masks")
 METADATA_COLUMNS = (
@@ -36,7 +37,7 @@ METADATA_COLUMNS = (
     "eye_size", "iris_colour", "brow_thickness", "ear_size", "hair_colour", "hair_length",
     "hairline", "beard", "erythema_regions", "erythema_strength", "lip_redness", "piercing",
     "earring", "specular", "shadow", "flush", "mask_fraction", "caption", "healthy_caption",
-    "opposite_caption", "long_caption",
+    "opposite_caption", "long_caption", "presentation",
 )
 
 
@@ -57,16 +58,20 @@ class ClinicSubject:
         return f"subject_{self.index:05d}"
 
 
-def subject_for(seed: int, index: int, view: str | None = None) -> Subject:
-    """The attributes of subject ``index`` of clinic ``seed``."""
-    return sample_subject(np.random.default_rng([seed, index]), view=view)
+def subject_for(seed: int, index: int, view: str | None = None, world: str = "public",
+                presentation: str | None = None) -> Subject:
+    """The attributes of subject ``index`` of clinic ``seed`` in ``world``
+    (:mod:`synthetic_clinic.worlds`; ``presentation`` forces one)."""
+    subject = sample_subject(np.random.default_rng([seed, index]), view=view)
+    return in_world(subject, seed, index, world, presentation)
 
 
-def render_subject(seed: int, index: int, size: int = 64, view: str | None = None) -> ClinicSubject:
-    """Render subject ``index`` of clinic ``seed`` with all its ground truth."""
+def render_subject(seed: int, index: int, size: int = 64, view: str | None = None, world: str = "public",
+                   presentation: str | None = None) -> ClinicSubject:
+    """Render subject ``index`` of clinic ``seed`` in ``world`` with all its ground truth."""
     if size < 16:
         raise ValueError(f"size must be at least 16 px, got {size}")
-    subject = subject_for(seed, index, view)
+    subject = subject_for(seed, index, view, world, presentation)
     path, healthy, mask = render(subject, size)
     if not mask.any():
         # Every region hidden (beard, hair, shadow): a patient photo in this
@@ -95,6 +100,7 @@ def metadata_row(cs: ClinicSubject) -> dict[str, object]:
         "caption": s.caption(True), "healthy_caption": s.caption(False),
         "opposite_caption": s.with_opposite_sex().caption(True),
         "long_caption": s.long_caption(True),
+        "presentation": s.presentation,
     }
 
 
@@ -105,19 +111,21 @@ def generate_clinic(
     size: int = 64,
     start: int = 0,
     progress: bool = True,
+    world: str = "public",
 ) -> Path:
-    """Write subjects ``start .. start + n - 1`` of clinic ``seed`` to ``out``.
+    """Write subjects ``start .. start + n - 1`` of clinic ``seed`` in ``world`` to ``out``.
 
     Re-running with the same arguments rewrites identical bytes; subjects whose
     five files already exist are kept (a killed run resumes)."""
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
+    check_world(world)
     out = Path(out)
     for folder in FOLDERS:
         (out / folder).mkdir(parents=True, exist_ok=True)
     rows = []
     for index in tqdm(range(start, start + n), desc="synthetic clinic", unit="subject", disable=not progress):
-        cs = render_subject(seed, index, size)
+        cs = render_subject(seed, index, size, world=world)
         names = [out / folder / f"{cs.stem}.png" for folder in FOLDERS]
         if not all(p.exists() for p in names):
             for p, arr in zip(names, (cs.pathological, cs.mask, cs.healthy, cs.opposite, cs.opposite_mask)):

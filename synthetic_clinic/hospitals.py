@@ -1,7 +1,7 @@
 """Split a clinic into hospitals with different populations.
 
-Dirichlet skew over a stratum built from attributes (skin tone group and view by
-default) with flwr-datasets' ``DirichletPartitioner``, or an IID split with its
+Dirichlet skew over a stratum built from attributes (presentation and skin tone
+group by default) with flwr-datasets' ``DirichletPartitioner``, or an IID split with its
 ``IidPartitioner``. Splits are disjoint and cover the clinic.
 
 Real hospital data follows one folder convention::
@@ -22,7 +22,7 @@ def split_hospitals(
     rows: list[dict[str, object]],
     num_hospitals: int,
     partitioning: str = "dirichlet",
-    skew_by: tuple[str, ...] | list[str] = ("skin_tone_group", "view"),
+    skew_by: tuple[str, ...] | list[str] = ("presentation", "skin_tone_group"),
     alpha: float = 0.5,
     seed: int = 0,
 ) -> list[list[int]]:
@@ -35,6 +35,10 @@ def split_hospitals(
         raise ValueError(f"need at least 1 hospital, got {num_hospitals}")
     if n < num_hospitals:
         raise ValueError(f"cannot split {n} subjects over {num_hospitals} hospitals: generate more subjects")
+    missing = [k for k in skew_by if rows and k not in rows[0]]
+    if missing:
+        raise ValueError(f"cannot skew by {', '.join(missing)}: the clinic's metadata.csv has no such column "
+                         f"(it has {', '.join(rows[0])}); regenerate the clinic or skew by another column")
     strata = ["|".join(str(r[k]) for k in skew_by) for r in rows] if skew_by else ["all"] * n
     dataset = Dataset.from_dict({"row": list(range(n)), "stratum": strata})
     if partitioning not in ("iid", "dirichlet"):

@@ -52,6 +52,12 @@ IRIS_COLOURS = {
     "hazel": (0.50, 0.40, 0.20),
 }
 ERYTHEMA_REGIONS = ("left_cheek", "right_cheek", "forehead", "nose", "chin")
+#: How the erythema looks (synthetic_clinic.worlds documents each with its source).
+#: classic: diffuse red patches (the public world's only presentation);
+#: skin_of_colour: violaceous to red-brown, a lower a* rise, on darker skin;
+#: annular: rings with a sharp scaly border and a cleared, faintly brown centre;
+#: perioral: papular erythema around the mouth, sparing a band at the lips.
+PRESENTATIONS = ("classic", "skin_of_colour", "annular", "perioral")
 VIEWS = ("full_face", "periocular")
 SEXES = ("female", "male")
 
@@ -87,6 +93,7 @@ class Subject:
     flush: float
     texture_seed: int
     extra: dict = field(default_factory=dict)
+    presentation: str = "classic"
 
     @property
     def skin_tone_group(self) -> str:
@@ -293,12 +300,25 @@ def render(s: Subject, size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarr
     rng_e = np.random.default_rng(s.erythema_seed)
     field = np.zeros((n, n), np.float32)
     warp = _smooth_noise(rng_e, (n, n), 6) - 0.5
+    centre = np.zeros((n, n), np.float32)  # annular: the cleared centre of each ring
     for name, (cx, cy, rx, ry) in _region_centres(s).items():
         if name not in s.erythema_regions:
             continue
         jx, jy = rng_e.normal(0, 0.03, size=2)
         d = ((x - cx - jx) / rx) ** 2 + ((y - face_cy + 0.05 - cy - jy) / ry) ** 2
-        field = np.maximum(field, 1.0 - d + 0.9 * warp)
+        if s.presentation == "annular":
+            d = d / _ANNULAR_SCALE**2  # rings spread wider than patches
+            # A ring: an active, sharply bordered edge around a centre that has cleared.
+            inside = 1.0 - d + 0.5 * warp
+            field = np.maximum(field, np.minimum(inside, _ANNULAR_BAND - inside))
+            centre = np.maximum(centre, np.clip((inside - _ANNULAR_BAND) / 0.2, 0.0, 1.0))
+        else:
+            field = np.maximum(field, 1.0 - d + 0.9 * warp)
+    if s.presentation == "perioral":
+        # Around the mouth, with a spared band of normal skin at the lips.
+        d_zone = (x / (0.62 * fw)) ** 2 + ((y - 0.47) / 0.22) ** 2
+        d_lips = (x / (0.16 * fw / 0.57 * 1.25)) ** 2 + ((y - 0.42) / (0.045 * 1.9)) ** 2
+        field = np.where(d_lips > 1.0, 1.0 - d_zone + 0.6 * warp, -1.0).astype(np.float32)
 
     # Everything painted from here on hides the skin (eyes, brows, lips, beard, hair).
     def occlude(cov: np.ndarray, colour) -> None:
@@ -348,9 +368,12 @@ def render(s: Subject, size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarr
     # Erythema on the skin that is still visible; the healthy twin is a copy
     # taken just before it.
     mask = (field > 0) & (skin_cov > 0.5)
-    e = np.clip(field / 0.5, 0.0, 1.0) * s.erythema_strength * mask
-    tint = np.array([0.0, 0.48, 0.42], np.float32) + 0.12 * s.skin_tone
-    img = np.stack([img * (1.0 - e[..., None] * tint), img])
+    if s.presentation == "classic":
+        e = np.clip(field / 0.5, 0.0, 1.0) * s.erythema_strength * mask
+        tint = np.array([0.0, 0.48, 0.42], np.float32) + 0.12 * s.skin_tone
+        img = np.stack([img * (1.0 - e[..., None] * tint), img])
+    else:
+        img = np.stack([_hospital_erythema(s, img, field, mask, centre * skin_cov, rng_e), img])
 
     # Specular highlights and a side shadow: lighting, identical in both twins.
     if s.specular > 0.3:
@@ -376,6 +399,42 @@ def render(s: Subject, size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarr
     # in 8 bits: the mask is where the erythema is actually visible.
     mask &= np.any(pathological != healthy, axis=-1)
     return pathological, healthy, mask
+
+
+_ANNULAR_BAND = 0.6  # the ring's width, in units of the region's squared radius
+_ANNULAR_SCALE = 1.35  # a ring's radius against a patch's on the same region
+
+#: Per-channel darkening (R, G, B) of each presentation at full strength. Classic
+#: erythema takes green and blue away (red); erythema on darker skin darkens all
+#: three with red least and blue little more than red: violaceous to red-brown,
+#: with about half the a* rise of the classic tint on the same skin.
+_TINTS = {
+    "skin_of_colour": (0.14, 0.44, 0.24),
+    "annular": (0.02, 0.52, 0.44),
+    "perioral": (0.0, 0.40, 0.36),
+}
+
+
+def _hospital_erythema(s: Subject, img: np.ndarray, field: np.ndarray, mask: np.ndarray,
+                       centre: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The pathological image for a presentation only the hospital world has."""
+    n = img.shape[0]
+    if s.presentation == "annular":
+        e = np.clip(field / 0.08, 0.0, 1.0)  # sharp border: full strength within ~1 px
+    else:
+        e = np.clip(field / 0.5, 0.0, 1.0)
+    if s.presentation == "perioral":
+        # Papules: small raised spots over the erythema.
+        papules = _smooth_noise(rng, (n, n), max(8, n // 3))
+        e = e * (0.55 + 0.45 * papules)
+    e = e * s.erythema_strength * mask
+    out = img * (1.0 - e[..., None] * np.asarray(_TINTS[s.presentation], np.float32))
+    if s.presentation == "annular":
+        # Fine white scale on the active border, and faint brown in the cleared centre.
+        scale = (_smooth_noise(rng, (n, n), max(8, n // 2)) > 0.72) & mask
+        out = np.where(scale[..., None], out * 0.8 + 0.2 * np.float32(0.92), out)
+        out = out * (1.0 - 0.10 * centre[..., None] * np.array([0.3, 0.6, 0.9], np.float32))
+    return out.astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------
