@@ -10,7 +10,8 @@ run keeps it), so separate experiments on the same hospital are each accounted
 over their own rounds; the hospital's log also states the epsilon composed over
 all runs it ever trained in.
 
-What goes to the server is numbers only: epsilon, the accounting parameters
+What goes to the server is the DP-SGD update and numbers that say nothing more
+about a patient: epsilon, the accounting parameters
 (sampling rate, noise multiplier, steps, delta, an accountant code), or a
 "privacy budget spent" refusal with its epsilons. The server keeps, per round,
 the largest epsilon over the hospitals and that hospital's accounting
@@ -18,6 +19,11 @@ the largest epsilon over the hospitals and that hospital's accounting
 
 delta: ``federation.dp.delta``, capped at 1 / (the hospital's training pairs),
 the smallest over the run's rounds (so one delta holds for the whole ledger).
+
+Outside the guarantee: the training loss is not sent (NaN; the hospital's log
+keeps it); the count of training pairs is treated as public, as in DP-SGD; the
+client-side evaluation on the hospital's *validation* pairs (which are never
+trained on) is released as usual; ``federation.fraction_evaluate=0`` stops it.
 """
 
 from __future__ import annotations
@@ -189,10 +195,12 @@ def train_round(model: nn.Module, pairs: list, cfg: Any, node: str | Path, run: 
     ledger.record(done, delta)
     epsilon = ledger.epsilon(delta)
     history = ledger.history
-    log.info("patient-level DP: epsilon %.3f at delta %.3g after %d round(s) of this run (%.3f over all runs here)",
-             epsilon, delta, len(history), ledger.epsilon_all_runs(delta))
+    log.info("patient-level DP: epsilon %.3f at delta %.3g after %d round(s) of this run (%.3f over all runs here); "
+             "local train loss %.4f", epsilon, delta, len(history), ledger.epsilon_all_runs(delta), done.train_loss)
     return {
-        "train_loss": done.train_loss,
+        # The training loss is a statistic of the training pairs outside the DP-SGD
+        # guarantee: it stays in the hospital's log, the server gets NaN.
+        "train_loss": float("nan"),
         "num_examples": done.num_examples,
         "metrics": accounting_metrics(history, delta, epsilon),
     }

@@ -39,7 +39,7 @@ def clinic_renders():
 def pairs(clinic_renders, monkeypatch):
     """Clinic renders standing in for the firewall's pairs (the firewall's output
     and the trainer's refusal of anything else are tested in test_federated.py)."""
-    monkeypatch.setattr(private_training, "require_deidentified", list)
+    monkeypatch.setattr(private_training, "require_training_pairs", list)
     return [SimpleNamespace(id=f"id{i}", surrogate=s.pathological, mask=s.mask) for i, s in enumerate(clinic_renders)]
 
 
