@@ -187,7 +187,9 @@ def round_line(record: dict, total: int) -> str:
         v = record.get(key)
         return "-" if v is None else f"{v:.3f}"
 
-    epsilon = f" | epsilon {record['dp_epsilon']:.2f}" if record.get("dp_epsilon") is not None else ""
+    # Flower's hospital-level epsilon, or the largest patient-level epsilon over the hospitals.
+    value = record.get("dp_epsilon", record.get("epsilon"))
+    epsilon = f" | epsilon {value:.2f}" if value is not None else ""
     return (f"round {record['round']}/{total}: global Dice {fmt('global_dice')} IoU {fmt('global_iou')} "
             f"(original identities) | client Dice {fmt('client_dice')} | train loss {fmt('train_loss')} | "
             f"hospitals {record.get('clients_trained') or 0} ok, {record.get('clients_failed') or 0} failed"
