@@ -90,10 +90,6 @@ class DifferentialPrivacySettings:
         check_positive("federation.dp.clipping_norm", self.clipping_norm)
         if not 0 < self.delta < 1:
             raise ConfigError(f"federation.dp.delta={self.delta} must be in (0, 1)")
-
-
-@dataclass
-class FederationSettings:
         check_positive("federation.dp.max_grad_norm", self.max_grad_norm)
         for name in ("target_epsilon", "max_epsilon"):
             value = getattr(self, name)
@@ -106,6 +102,10 @@ class FederationSettings:
                 and self.max_epsilon < self.target_epsilon):
             raise ConfigError(f"federation.dp.max_epsilon={self.max_epsilon} is below "
                               f"federation.dp.target_epsilon={self.target_epsilon}: the run could never finish")
+
+
+@dataclass
+class FederationSettings:
     """The federation (``conf/federation/default.yaml``)."""
 
     # Hospitals: null = as many as Flower started (the simulation's num-supernodes,
@@ -148,14 +148,14 @@ class FederationSettings:
         check_positive("federation.client_resources.num_cpus", self.client_resources.num_cpus)
         check_positive("federation.client_resources.num_gpus", self.client_resources.num_gpus, allow_zero=True)
         check_choice("federation.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
-        m = self.min_available_hospitals
-        if m != "majority":
-            try:
-                m = int(m)
         if self.dp.mode == "patient" and self.strategy == "fedprox":
             # Opacus noises the per-sample loss gradients only: a proximal term would go unaccounted.
             raise ConfigError("federation.dp.mode=patient does not support federation.strategy=fedprox: "
                               "use fedavg or fedadam")
+        m = self.min_available_hospitals
+        if m != "majority":
+            try:
+                m = int(m)
             except (TypeError, ValueError):
                 raise ConfigError(
                     f"federation.min_available_hospitals={m!r}: give a number of hospitals or majority"
