@@ -95,6 +95,10 @@ class DifferentialPrivacySettings:
             value = getattr(self, name)
             if value is not None and not 0 < value < float("inf"):
                 raise ConfigError(f"federation.dp.{name}={value} must be a number > 0, or null")
+        for name in ("target_epsilon", "max_epsilon"):
+            if self.mode != "patient" and getattr(self, name) is not None:
+                raise ConfigError(f"federation.dp.{name} applies to federation.dp.mode=patient only "
+                                  f"(mode is {self.mode}); set it to null")
         if self.mode == "patient" and self.target_epsilon is None and self.noise_multiplier <= 0:
             raise ConfigError("federation.dp.mode=patient needs federation.dp.noise_multiplier > 0 "
                               "or federation.dp.target_epsilon")
