@@ -202,6 +202,7 @@ def test_the_run_records_the_largest_epsilon_and_the_check_recomputes_it(pairs, 
     ({"max_epsilon": float("inf")}, "federation.dp.max_epsilon"),
     ({"noise_multiplier": 0.0}, "federation.dp.noise_multiplier"),
     ({"target_epsilon": 8.0, "max_epsilon": 3.0}, "federation.dp.max_epsilon"),
+    ({"mode": "client-fixed", "target_epsilon": 3.0}, "federation.dp.target_epsilon"),
 ])
 def test_patient_dp_settings_name_the_bad_key(settings, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
