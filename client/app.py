@@ -1,25 +1,29 @@
 """The hospital's Flower ClientApp.
 
-A hospital answers three kinds of message, each the same way: compose the run's
-configuration, find this hospital's de-identified pairs, and answer with model
-arrays and scalar metrics only — no file names, paths, ids or pixels.
+A hospital answers three kinds of message, each the same way: take the run's
+configuration (composed once per run), find this hospital's de-identified pairs,
+and answer with model arrays and scalar metrics only — no file names, paths, ids
+or pixels. The metrics are the typed replies of :mod:`skinfed.hospital_replies`;
+what a round asks for comes in the message (:mod:`skinfed.round_config`).
 
 * ``query`` (before round 1): run the privacy firewall on the hospital's photos
   (simulation) or report how far the firewall service got (deployment);
 * ``train``: train the global U-Net on (surrogate, mask) pairs;
 * ``evaluate``: score it on the hospital's validation surrogates.
 
-A hospital whose firewall is not ready answers at once with "not ready: N of M
-photos done": it sits the round out, and the server records it.
+A hospital whose firewall is not ready answers at once with ``ready=0`` and
+``done`` of ``total`` photos instead of a model: it sits the round out, and the
+server records it.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.hospital import (
@@ -36,8 +40,10 @@ from models import segmentation
 from skinfed.config import RunConfig, load_flower_run_config
 from skinfed.data import simulation_hospitals
 from skinfed.differential_privacy import dp_train_mod, without_step_counters
+from skinfed.hospital_replies import EvaluateReply, NotReady, PrepareReply, TrainReply
 from skinfed.patient_privacy import DP_RUN_KEY, PrivacyBudgetSpent, build_federated_model, is_patient_dp
 from skinfed.patient_privacy import train_round as train_with_patient_dp
+from skinfed.round_config import TrainRound
 
 app = ClientApp()
 log = logging.getLogger("skinfed.client")
@@ -75,33 +81,39 @@ def reply_privately(handler):
 def prepare(msg: Message, context: Context) -> Message:
     """Before round 1: de-identify this hospital's photos (simulation), or say how
     far the firewall service is (deployment)."""
-    cfg = load_flower_run_config(context.run_config)
+    cfg = run_config(context)
     published = context.node_config.get("deidentified-path")
     if published:
         try:
             hospital = load_published(cfg, str(published))
-            counts = {"ready": 1, "accepted": hospital.accepted, "refused": hospital.refused}
+            done = hospital.accepted + hospital.refused
+            reply = PrepareReply(ready=1, done=done, total=done, accepted=hospital.accepted, refused=hospital.refused)
         except FirewallNotReady as exc:
             log.info("%s", exc)
-            counts = {"ready": 0, "accepted": 0, "refused": 0}
+            reply = PrepareReply(ready=0, done=exc.status.done, total=exc.status.total, accepted=0, refused=0)
     else:
         data_dir, work_dir = hospital_folder(cfg, context)
         cohort = prepare_hospital(cfg, data_dir, work_dir, progress=True)
-        counts = {"ready": 1, "accepted": cohort["ok"], "refused": cohort["failed"]}
-    return Message(RecordDict({"metrics": MetricRecord(counts)}), reply_to=msg)
+        reply = PrepareReply(ready=1, done=cohort["images"], total=cohort["images"], accepted=cohort["ok"],
+                             refused=cohort["failed"])
+    return Message(RecordDict({"metrics": reply.to_record()}), reply_to=msg)
 
 
 @app.train(mods=[dp_train_mod])  # Flower's clipping mod when the server runs DP (federation.dp)
 @reply_privately
 def train(msg: Message, context: Context) -> Message:
-    cfg = load_flower_run_config(context.run_config)
-    hospital = local_hospital(cfg, context)
+    cfg = run_config(context)
+    try:
+        hospital = local_hospital(cfg, context)
+    except FirewallNotReady as exc:
+        return not_ready_reply(msg, exc)
     if not hospital.train:
         raise NoUsableImages(f"no de-identified images to train on ({hospital.refused} refused by the firewall)")
 
     model = build_federated_model(cfg)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=False)  # no step counters
-    server_round = int(msg.content["config"].get("server-round", 0))
+    train_round = TrainRound.from_record(msg.content["config"])
+    server_round = train_round.server_round
     seed = training_seed(node_folder(cfg, context), server_round)
     if is_patient_dp(cfg):  # DP-SGD, accounted in this hospital's private ledger
         result = train_with_patient_dp(model, hospital.train, cfg, node_folder(cfg, context),
@@ -109,16 +121,12 @@ def train(msg: Message, context: Context) -> Message:
                                        device=device_for(cfg))
     else:
         result = segmentation.train(
-            model, hospital.train, cfg.model, device=device_for(cfg), seed=seed,
-            proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
+            model, hospital.train, cfg.model, epochs=train_round.local_epochs, device=device_for(cfg), seed=seed,
+            proximal_mu=train_round.proximal_mu,
         )
-    metrics = MetricRecord({
-        "train_loss": result["train_loss"],
-        "num-examples": result["num_examples"],
-        "firewall_accepted": hospital.accepted,
-        "firewall_refused": hospital.refused,
-        **result.get("metrics", {}),
-    })
+    metrics = TrainReply(train_loss=result["train_loss"], num_examples=result["num_examples"],
+                         firewall_accepted=hospital.accepted, firewall_refused=hospital.refused).to_record()
+    metrics.update(result.get("metrics", {}))
     arrays = ArrayRecord(without_step_counters(model.state_dict()))
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
@@ -126,8 +134,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @reply_privately
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg = load_flower_run_config(context.run_config)
-    hospital = local_hospital(cfg, context)
+    cfg = run_config(context)
+    try:
+        hospital = local_hospital(cfg, context)
+    except FirewallNotReady as exc:
+        return not_ready_reply(msg, exc)
     pairs = hospital.validation or hospital.train
     if not pairs:
         raise NoUsableImages("no de-identified images to evaluate on")
@@ -135,12 +146,38 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = build_federated_model(cfg)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=False)
     scores = segmentation.evaluate(model, [p.surrogate for p in pairs], [p.mask for p in pairs], device=device_for(cfg))
-    metrics = MetricRecord({"dice": scores["dice"], "iou": scores["iou"], "loss": scores["loss"],
-                            "num-examples": scores["num_examples"]})
+    metrics = EvaluateReply(dice=scores["dice"], iou=scores["iou"], loss=scores["loss"],
+                            num_examples=scores["num_examples"]).to_record()
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 # ----------------------------------------------------------------------------- helpers
+#: The composed configuration of the runs this process serves, by run (its id and
+#: overrides): Hydra composes once per run, not on every message. Bounded: a
+#: long-lived SuperNode serves many runs.
+_RUN_CONFIGS: dict[tuple[int, str, str], RunConfig] = {}
+_RUNS_KEPT = 4
+
+
+def run_config(context: Context) -> RunConfig:
+    """The run's configuration (``skinfed.config.load_flower_run_config``), composed
+    the first time a message of this run arrives."""
+    key = (int(context.run_id), os.environ.get("SKINFED_OVERRIDES", ""), str(context.run_config.get("overrides", "")))
+    cfg = _RUN_CONFIGS.get(key)
+    if cfg is None:
+        cfg = load_flower_run_config(context.run_config)
+        while len(_RUN_CONFIGS) >= _RUNS_KEPT:
+            _RUN_CONFIGS.pop(next(iter(_RUN_CONFIGS)))
+        _RUN_CONFIGS[key] = cfg
+    return cfg
+
+
+def not_ready_reply(msg: Message, exc: FirewallNotReady) -> Message:
+    """This hospital sits the round out: how far its firewall is, and no model."""
+    log.info("%s", exc)
+    return Message(RecordDict({"metrics": NotReady.of(exc.status.done, exc.status.total).to_record()}), reply_to=msg)
+
+
 def local_hospital(cfg: RunConfig, context: Context) -> HospitalData:
     """This node's de-identified pairs: the firewall service's newest snapshot in
     deployment (node config ``deidentified-path``), the firewall's output in the

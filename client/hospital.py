@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from privacy_firewall.outputs import read_manifest, read_reference_masks
+from privacy_firewall.report import DeidentificationReport, Status, load_report, report_path
 from privacy_firewall.secret_key import derive_seed, load_or_create_key
 from privacy_firewall.training_data import DeidentifiedPair, load_deidentified, relabel
 from privacy_firewall.watch import MISSING, FirewallNotReady, FirewallStatus, read_status, snapshot_dir
@@ -74,18 +76,19 @@ def prepare_hospital(cfg: RunConfig, data_dir: str | Path, work_dir: str | Path 
         raise FileNotFoundError(f"hospital data folder {data_dir} does not exist: set the node's data-path")
     node = node_dir(cfg, data_dir, work_dir)
     try:
-        report = deidentify_folder(data_dir, node / "firewall", firewall_settings_for(cfg, node), progress=progress)
+        deidentify_folder(data_dir, node / "firewall", firewall_settings_for(cfg, node), progress=progress)
     except UsageError as exc:  # e.g. an empty folder: a hospital with nothing to offer
         log.warning("hospital has no usable photos: %s", exc)
         return {"images": 0, "ok": 0, "failed": 0}
-    return {k: report["cohort"][k] for k in ("images", "ok", "failed")}
+    report = load_report(node / "firewall")
+    return {"images": report.images, "ok": report.ok, "failed": report.failed}
 
 
 def load_hospital(cfg: RunConfig, data_dir: str | Path, work_dir: str | Path | None = None) -> HospitalData:
     """The de-identified pairs the firewall made for this hospital (simulation)."""
     node = node_dir(cfg, data_dir, work_dir)
     output = node / "firewall"
-    if not (output / "report.json").is_file():  # the server's prepare message never reached this hospital
+    if not report_path(output).is_file():  # the server's prepare message never reached this hospital
         raise FirewallNotReady(FirewallStatus(MISSING, message="the firewall has not run on this hospital's photos"))
     return _split(cfg, output, data_dir)
 
@@ -100,13 +103,10 @@ def load_published(cfg: RunConfig, published_dir: str | Path) -> HospitalData:
 
 
 def _split(cfg: RunConfig, output: Path, data_dir: str | Path | None) -> HospitalData:
-    import json
-
-    report = json.loads((output / "report.json").read_text())
-    statuses = [rec.get("status") for rec in report.get("images", {}).values()]
-    pairs = load_deidentified(output)
+    report = load_report(output)  # read once: the pairs, the labels and the counts all come from it
+    pairs = load_deidentified(output, report=report)
     if cfg.data.label_source != "differential":
-        pairs = relabel(pairs, label_masks(cfg, output, pairs, data_dir))
+        pairs = relabel(pairs, label_masks(cfg, output, report, pairs, data_dir))
     # Split by the surrogate's pixels (ids are salted per output folder): the same
     # data and seed give the same split on every machine.
     is_val = {p.id: _is_validation(hashlib.sha256(p.surrogate.tobytes()).hexdigest(), cfg.data.val_fraction, cfg.seed)
@@ -115,10 +115,10 @@ def _split(cfg: RunConfig, output: Path, data_dir: str | Path | None) -> Hospita
     train = [p for p in pairs if not is_val[p.id]]
     if not train and val:  # a tiny hospital: train on everything rather than nothing
         train = val
-    return HospitalData(train, val, statuses.count("ok"), statuses.count("failed"))
+    return HospitalData(train, val, report.ok, report.failed)
 
 
-def label_masks(cfg: RunConfig, output: Path, pairs: list[DeidentifiedPair],
+def label_masks(cfg: RunConfig, output: Path, report: DeidentificationReport, pairs: list[DeidentifiedPair],
                 data_dir: str | Path | None) -> dict[str, np.ndarray]:
     """The masks of ``data.label_source`` for each pair, by id (the label-source
     comparison: only the labels change, the surrogates are the same)."""
@@ -131,58 +131,41 @@ def label_masks(cfg: RunConfig, output: Path, pairs: list[DeidentifiedPair],
         return reference_labels(output, pairs)
     # ground_truth: the synthetic clinic's own mask of the source photo (the
     # surrogate keeps the source's erythema map); resized to the surrogate.
-    if "drawn erythema map" in str(_cohort(output).get("reference", "")):
+    if report.new_erythema_layout:
         raise ValueError(
             "data.label_source=ground_truth: the firewall gave the erythema a secret new layout "
             "(firewall.identity.erythema_layout=redrawn or reshaped), so the source photo's mask no longer lies on the surrogate's "
             "erythema; use data.label_source=reference (the map the surrogate was drawn from), or "
             "firewall.identity.erythema_layout=kept to compare with the ground truth")
-    import csv
-
     import cv2
 
-    from privacy_firewall.images import read_mask_png
+    from skinfed.ground_truth import simulated_ground_truth
 
     if data_dir is None:
         raise ValueError("data.label_source=ground_truth needs the simulation's synthetic clinic")
-    masks_dir = Path(data_dir).expanduser().parents[1] / "masks"  # <clinic>/<split>/hospital_i -> <clinic>/masks
-    by_id: dict[str, np.ndarray] = {}
-    with open(output / "manifest.local.csv", newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            if row["status"] != "ok":
-                continue
-            mask = read_mask_png(masks_dir / (Path(row["source"]).stem + ".png"))
-            by_id[row["id"]] = mask
+    sources = {row.id: row.source for row in read_manifest(output) if row.status is Status.OK}
+    by_id = simulated_ground_truth(data_dir, sources)
     size = pairs[0].surrogate.shape[:2] if pairs else (0, 0)
     return {i: cv2.resize(m.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 0
             for i, m in by_id.items()}
 
 
-def _cohort(output: Path) -> dict:
-    import json
-
-    return json.loads((output / "report.json").read_text()).get("cohort", {})
-
-
 def reference_labels(output: Path, pairs: list[DeidentifiedPair]) -> dict[str, np.ndarray]:
-    """The firewall's reference mask of each pair (``.local/reference/<id>.png``,
-    hospital-private): the erythema map (in its new layout) the surrogate was drawn from
+    """The firewall's reference mask of each pair (hospital-private,
+    :func:`privacy_firewall.outputs.read_reference_masks`): the erythema map (in its new layout) the surrogate was drawn from
     where there is one, else the hospital's annotation where it gave one, else the
     patient's own differential mask M_orig. A backend that draws the surrogate
     from an erythema map (the embedded model) puts exactly that erythema into the
     surrogate, so the map labels the surrogate's own redness without the
     surrogate's healthy-twin errors."""
-    from privacy_firewall.images import read_mask_png
-
-    folder = output / ".local" / "reference"
-    missing = [p.id for p in pairs if not (folder / f"{p.id}.png").is_file()]
+    masks, missing = read_reference_masks(output, [p.id for p in pairs])
     if missing:
         raise ValueError(
             f"data.label_source=reference: {len(missing)} of {len(pairs)} de-identified photos have no reference "
             "mask (the firewall writes one when it edits the original's own healthy twin, "
             "firewall.original_healthy_twin=true, or when the hospital supplies masks/); "
             "use data.label_source=differential")
-    return {p.id: read_mask_png(folder / f"{p.id}.png") for p in pairs}
+    return masks
 
 
 def _is_validation(key: str, fraction: float, seed: int) -> bool:

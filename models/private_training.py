@@ -41,8 +41,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from common.training_pairs import TrainingPair, require_training_pairs
 from models.segmentation import SegmentationSettings, _augment, to_batch
-from privacy_firewall.training_data import DeidentifiedPair, require_deidentified
 
 #: One accounted stretch of DP-SGD: (noise multiplier, Poisson sampling rate, steps).
 HistoryEntry = tuple[float, float, int]
@@ -193,13 +193,13 @@ def calibrate_noise(target_epsilon: float, delta: float, history: Sequence[Histo
 
 
 # ----------------------------------------------------------------------------- training
-def train_private(model: nn.Module, pairs: Sequence[DeidentifiedPair], cfg: SegmentationSettings, *,
+def train_private(model: nn.Module, pairs: Sequence[TrainingPair], cfg: SegmentationSettings, *,
                   noise_multiplier: float, max_grad_norm: float, epochs: int | None = None,
                   device: str | torch.device = "cpu", seed: int = 0,
                   noise_generator: torch.Generator | None = None) -> PrivateRound:
     """DP-SGD on de-identified pairs (and nothing else); ``model`` must come from
     :func:`make_private_compatible` and is trained in place."""
-    pairs = require_deidentified(pairs)
+    pairs = require_training_pairs(pairs)
     if not pairs:
         raise ValueError("no de-identified pairs to train on")
     x = to_batch([p.surrogate for p in pairs])

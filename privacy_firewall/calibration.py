@@ -17,6 +17,7 @@ import numpy as np
 
 from privacy_firewall.firewall import TwinResult
 from privacy_firewall.masks import Calibration, calibrate_threshold, differential_mask, threshold_grid
+from privacy_firewall.report import ReferenceKind
 from privacy_firewall.settings import MaskSettings
 
 
@@ -26,15 +27,31 @@ class CohortMasks:
 
     theta: float
     calibration: Calibration | None
-    reference_kind: str  # ground truth | original differential mask | none
+    reference_kinds: tuple[ReferenceKind, ...]  # sorted; empty: no reference
     masks: list[np.ndarray | None]
     references: list[np.ndarray | None]
 
+    @property
+    def reference_kind(self) -> str:
+        """The reference kinds in words (figures, calibration.json)."""
+        return kinds_in_words(self.reference_kinds)
+
+
+def kinds_in_words(kinds: tuple[ReferenceKind, ...]) -> str:
+    return " + ".join(sorted(k.words for k in kinds)) or "none"
+
 
 def reference_masks(results: list[TwinResult], ground_truth: list[np.ndarray | None], mask: MaskSettings) -> tuple[list, str]:
+    """The reference per image and their kinds in words (see :func:`typed_reference_masks`)."""
+    refs, kinds = typed_reference_masks(results, ground_truth, mask)
+    return refs, kinds_in_words(kinds)
+
+
+def typed_reference_masks(results: list[TwinResult], ground_truth: list[np.ndarray | None],
+                          mask: MaskSettings) -> tuple[list, tuple[ReferenceKind, ...]]:
     """The reference per image: the map the surrogate was drawn from (new layout), else
     the supplied ground truth, else the original identity's own differential mask
-    (M_orig) at the default threshold."""
+    (M_orig) at the default threshold; and the kinds used."""
     m = mask
     refs: list[np.ndarray | None] = []
     kinds = set()
@@ -43,17 +60,16 @@ def reference_masks(results: list[TwinResult], ground_truth: list[np.ndarray | N
             refs.append(None)
         elif res.drawn_erythema_map is not None:
             refs.append(res.drawn_erythema_map)
-            kinds.add("drawn erythema map")
+            kinds.add(ReferenceKind.DRAWN_ERYTHEMA_MAP)
         elif gt is not None:
             refs.append(gt)
-            kinds.add("ground truth")
+            kinds.add(ReferenceKind.GROUND_TRUTH)
         elif res.original_difference is not None:
             refs.append(differential_mask(res.original_difference, m.default_threshold, m.open_radius, m.min_component_area))
-            kinds.add("original differential mask")
+            kinds.add(ReferenceKind.ORIGINAL_DIFFERENTIAL_MASK)
         else:
             refs.append(None)
-    kind = " + ".join(sorted(kinds)) if kinds else "none"
-    return refs, kind
+    return refs, tuple(sorted(kinds, key=lambda k: k.value))
 
 
 def cohort_masks(results: list[TwinResult], ground_truth: list[np.ndarray | None], mask: MaskSettings,
@@ -61,7 +77,7 @@ def cohort_masks(results: list[TwinResult], ground_truth: list[np.ndarray | None
     """Calibrate theta* on the cohort (or use the configured/saved threshold) and
     threshold every surrogate's a* difference."""
     m = mask
-    refs, kind = reference_masks(results, ground_truth, mask)
+    refs, kinds = typed_reference_masks(results, ground_truth, mask)
     pairs = [(r.a_star_difference, ref) for r, ref in zip(results, refs) if r.ok and ref is not None]
     calibration = None
     if m.threshold != "auto":
@@ -76,4 +92,4 @@ def cohort_masks(results: list[TwinResult], ground_truth: list[np.ndarray | None
         theta = m.default_threshold
     masks = [differential_mask(r.a_star_difference, theta, m.open_radius, m.min_component_area) if r.ok else None
              for r in results]
-    return CohortMasks(theta, calibration, kind, masks, refs)
+    return CohortMasks(theta, calibration, kinds, masks, refs)

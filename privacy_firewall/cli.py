@@ -74,27 +74,25 @@ def cmd_calibrate(args) -> int:
 
 def cmd_report(args) -> int:
     from privacy_firewall.deidentify import UsageError, summary_line
+    from privacy_firewall.report import ReportError, Status, load_report
 
-    path = Path(args.output_dir) / "report.json"
-    if not path.is_file():
-        raise UsageError(f"{path} not found: run `privacy-firewall deidentify INPUT_DIR {args.output_dir}` first")
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-        c = report["cohort"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise UsageError(f"{path} cannot be read ({type(exc).__name__}): run deidentify again") from None
-    print(f"images {c['images']}: ok {c['ok']}, failed {c['failed']}, duplicates {c['duplicates']}", file=sys.stderr)
-    print(f"theta = {c['theta']} ({c['theta_source']}, reference: {c['reference']})", file=sys.stderr)
+        report = load_report(args.output_dir)
+    except ReportError as exc:
+        raise UsageError(f"{exc} (`privacy-firewall deidentify INPUT_DIR {args.output_dir}`)") from None
+    print(f"images {report.images}: ok {report.ok}, failed {report.failed}, duplicates {report.duplicates}",
+          file=sys.stderr)
+    print(f"theta = {report.theta} ({report.theta_source}, reference: {report.reference})", file=sys.stderr)
     for key in ("iou_vs_reference", "dice_vs_reference", "iou_orig_syn", "mask_fraction", "twin_bhattacharyya",
                 "twin_ks_statistic", "original_bhattacharyya", "original_ks_statistic", "seconds_per_image"):
-        s = c.get(key, {})
+        s = report.cohort_statistics.get(key, {})
         if s.get("n"):
             print(f"  {key:24s} {s['mean']:.4f} +- {s['std']:.4f}  (n={s['n']})", file=sys.stderr)
-    for i, rec in report["images"].items():
-        if rec["status"] == "failed":
-            print(f"  failed {i}: {rec['reason']}", file=sys.stderr)
-    print(summary_line(report))
-    return EXIT_OK if c["failed"] == 0 else EXIT_FAILED
+    for i, photo in report.photos.items():
+        if photo.status is Status.FAILED:
+            print(f"  failed {i}: {photo.reason} ({photo.code})", file=sys.stderr)
+    print(summary_line(report.to_json()))
+    return EXIT_OK if report.failed == 0 else EXIT_FAILED
 
 
 def cmd_evaluate(args) -> int:

@@ -51,6 +51,7 @@ from privacy_firewall.outputs import (
     remove_stale_temporaries,
     summary_line,
 )
+from privacy_firewall.report import RefusalCode
 from privacy_firewall.settings import FirewallSettings
 
 log = logging.getLogger(__name__)
@@ -159,9 +160,9 @@ def deidentify_folder(input_dir: str | Path, output_dir: str | Path, settings: F
         except Exception as exc:  # fail closed: this batch fails, the others go on
             log.exception("firewall failed on a batch")
             reason = f"firewall failed: {type(exc).__name__}: {exc}"[:300]
-            twins = [TwinResult(status="failed", reason=reason) for _ in batch]
+            twins = [TwinResult(status="failed", reason=reason, code=RefusalCode.EDIT_FAILED) for _ in batch]
         for (i, _req, src), res in zip(batch, twins):
-            entries[i].status, entries[i].reason = res.status, res.reason
+            entries[i].status, entries[i].reason, entries[i].code = res.status, res.reason, res.code
             results[i] = res
             if res.ok and src.mask_path is not None:
                 try:
@@ -183,13 +184,14 @@ def deidentify_folder(input_dir: str | Path, output_dir: str | Path, settings: F
         try:
             pixels = load_photo(src.path)
         except ImageRejected as exc:
-            entries.append(Entry(opaque_id(salt, b"unreadable:" + _file_digest(src.path)), str(src.path), "failed", exc.reason))
+            entries.append(Entry(opaque_id(salt, b"unreadable:" + _file_digest(src.path)), str(src.path), "failed", exc.reason,
+                                 code=RefusalCode.UNREADABLE))
             continue
         req = PhotoRequest(pixels, src.sex)
         entry = Entry(opaque_id(salt, req.digest.encode()), str(src.path))
         entries.append(entry)
         if entry.id in seen:  # the same photo twice: one edit, both rows in the manifest
-            entry.status, entry.reason = "duplicate", f"same pixels as id {entry.id}"
+            entry.status, entry.reason, entry.code = "duplicate", f"same pixels as id {entry.id}", RefusalCode.DUPLICATE
             continue
         seen[entry.id] = i
         batch.append((i, req, src))

@@ -40,6 +40,7 @@ from privacy_firewall.masks import (
     iou,
     threshold_grid,
 )
+from privacy_firewall.report import RefusalCode
 from privacy_firewall.settings import FirewallSettings
 
 
@@ -293,7 +294,7 @@ def attack_report(firewall: PrivacyFirewall, subjects: list, results: list, ok: 
     report["reid_top1_mask_only"] = max(report["reid_top1_mask_iou"], report.get("reid_top1_mask_matcher", 0.0))
     report["reid_top5_mask_only"] = max(report["reid_top5_mask_iou"], report.get("reid_top5_mask_matcher", 0.0))
     report["replay_exact_matches"] = replay.extra.get("exact_replays", 0)
-    report["gate_refused_rate"] = _mean([(not r.ok) and "still identifiable" in r.reason for r in results])
+    report["gate_refused_rate"] = _mean([r.code is RefusalCode.STILL_IDENTIFIABLE for r in results])
     report["gate"] = firewall.gate.description
 
     judge = _attribute_judge(firewall)

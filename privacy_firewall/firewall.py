@@ -47,10 +47,11 @@ import numpy as np
 import torch
 
 from common.io import atomic_write_json
+from privacy_firewall.appearance import lesion_appearance, paint_lesion, skin_mask
 from privacy_firewall.backends import FlowBackend, load_backend
 from privacy_firewall.flowedit import flowedit
 from privacy_firewall.gate import IdentityGate, choose_matcher
-from privacy_firewall.identity import Identity, draw_identity
+from privacy_firewall.identity import Identity, draw_identity, keep_attributes
 from privacy_firewall.images import (
     Prepared,
     pixel_digest,
@@ -61,7 +62,8 @@ from privacy_firewall.images import (
     to_uint8_images,
     write_png,
 )
-from privacy_firewall.masks import a_star_difference, differential_mask, lay_out_erythema_map
+from privacy_firewall.masks import a_star_difference, differential_mask, lay_out_erythema, lay_out_erythema_map
+from privacy_firewall.report import RefusalCode
 from privacy_firewall.secret_key import derive_seed, keyed_digest, load_or_create_key
 from privacy_firewall.settings import FirewallSettings
 
@@ -79,7 +81,8 @@ class TwinResult:
     """The firewall's product for one photo. Pixels are None unless status is ok."""
 
     status: str  # ok | failed
-    reason: str = ""
+    reason: str = ""  # for people
+    code: RefusalCode | None = None  # why it failed (None when ok): what code decides by
     surrogate: np.ndarray | None = None
     healthy_twin: np.ndarray | None = None
     a_star_difference: np.ndarray | None = None
@@ -197,6 +200,7 @@ class PrivacyFirewall:
         self.gate = IdentityGate(settings.gate, choose_matcher(settings.gate, self.backend))
         self.draws_from_map = (settings.identity.mode == "new_identity" and settings.identity.use_erythema_map
                                and self.backend.supports_erythema_map)
+        self.paints_patient_erythema = self.draws_from_map and settings.identity.erythema_appearance == "patient"
 
     @property
     def key(self) -> bytes:
@@ -242,7 +246,9 @@ class PrivacyFirewall:
         layout_keys = {"kept": (), "reshaped": ("reshape_displacement", "reshape_shift"),
                        "redrawn": ("reshape_displacement", "redraw_patches", "redraw_area", "redraw_region")}
         used = ("erythema_layout", *layout_keys[identity["erythema_layout"]]) if self.draws_from_map else ()
-        every = {"erythema_layout", *(k for keys in layout_keys.values() for k in keys)}
+        if self.draws_from_map and identity["erythema_appearance"] != "generator":
+            used += ("erythema_appearance",)
+        every = {"erythema_layout", "erythema_appearance", *(k for keys in layout_keys.values() for k in keys)}
         return {k: v for k, v in identity.items() if k not in every or k in used}
 
     def cache_key(self, digest: str, source_sex: str) -> str:
@@ -287,7 +293,7 @@ class PrivacyFirewall:
         if self.settings.gate.out_of_distribution_check and requests:
             for i, reason in enumerate(self.backend.out_of_distribution([prepared[i].pixels for i in prepared])):
                 if reason:
-                    results[i] = TwinResult(status="failed", reason=reason)
+                    results[i] = TwinResult(status="failed", reason=reason, code=RefusalCode.OUT_OF_DISTRIBUTION)
         todo = []
         for i, key in enumerate(keys):
             if results[i] is not None:
@@ -343,7 +349,9 @@ class PrivacyFirewall:
                 if verdict.passed:
                     results[i] = r
                 else:
-                    results[i] = TwinResult(status="failed", reason=verdict.reason, attempts=attempt + 1,
+                    # The gate measures a distance only when it could compare: then it linked them.
+                    code = RefusalCode.STILL_IDENTIFIABLE if verdict.distance is not None else RefusalCode.CANNOT_CHECK_IDENTITY
+                    results[i] = TwinResult(status="failed", reason=verdict.reason, code=code, attempts=attempt + 1,
                                             gate_distance=verdict.distance)
                     if verdict.distance is not None:
                         pending.append(i)  # linked, not unmeasurable: another identity may pass
@@ -372,8 +380,8 @@ class PrivacyFirewall:
         new_identity = self.settings.identity.mode == "new_identity"
         identities = [self.identity_for(d, attempt) if new_identity else None for d in digests]
         if new_identity:  # what the backend keeps of the source by design (e.g. the view: the mask is in it)
-            kept = self.backend.kept_attributes([p.pixels for p in prepared])
-            identities = [Identity(i.sex, i.phrases + k) for i, k in zip(identities, kept)]
+            kept = self.backend.kept_attributes([p.pixels for p in prepared], skin_tone=self.paints_patient_erythema)
+            identities = [keep_attributes(i, k, self.backend.identity_attributes()) for i, k in zip(identities, kept)]
         plans = [self._targets(s, ident) for s, ident in zip(sexes, identities)]
         image_size = tuple(prepared[0].pixels.shape[:2])
         try:
@@ -399,17 +407,19 @@ class PrivacyFirewall:
         except Exception as exc:  # fail closed: nothing from this batch goes on
             log.exception("firewall batch failed")
             reason = f"edit failed: {type(exc).__name__}: {exc}"
-            return [TwinResult(status="failed", reason=reason[:300]) for _ in prepared]
+            return [TwinResult(status="failed", reason=reason[:300], code=RefusalCode.EDIT_FAILED) for _ in prepared]
         seconds = (time.perf_counter() - t0) / len(prepared)
         out = []
         min_std = self.settings.min_output_std
         for b, p in enumerate(prepared):
             if not finite[b]:
-                out.append(TwinResult(status="failed", reason="edit produced NaN or infinite values"))
+                out.append(TwinResult(status="failed", reason="edit produced NaN or infinite values",
+                                      code=RefusalCode.NON_FINITE_OUTPUT))
                 continue
             surrogate_img, healthy_img = p.crop(decoded_surrogate[b]), p.crop(decoded_healthy[b])
             if min(surrogate_img.std(), healthy_img.std()) < min_std:
-                out.append(TwinResult(status="failed", reason=f"edit produced a blank image (pixel std < {min_std})"))
+                out.append(TwinResult(status="failed", reason=f"edit produced a blank image (pixel std < {min_std})",
+                                      code=RefusalCode.BLANK_OUTPUT))
                 continue
             res = TwinResult(
                 status="ok", surrogate=surrogate_img, healthy_twin=healthy_img, source_sex=sexes[b],
@@ -444,6 +454,10 @@ class PrivacyFirewall:
         maps = [differential_mask(a_star_difference(photo, twin, m.signed, m.blur_sigma),
                                   self.settings.identity.erythema_map_threshold, m.open_radius, m.min_component_area)
                 for photo, twin in zip(photos, twins)]
+        if self.paints_patient_erythema:
+            surrogate, healthy, drawn_maps = self._paint_patient_erythema(x, plans, digests, attempt, image_size,
+                                                                          photos, twins, maps)
+            return surrogate, healthy, original_healthy, drawn_maps
         drawn_maps = None
         if self.settings.identity.erythema_layout != "kept":
             maps = drawn_maps = [lay_out_erythema_map(mp, derive_seed(self.key, "erythema-outline", d, str(attempt)),
@@ -459,3 +473,33 @@ class PrivacyFirewall:
         healthy = flowedit(self.backend, surrogate, [p[1][0] for p in plans], [[p[1][1]] for p in plans], settings,
                            noise, image_size=image_size, target_maps=[torch.zeros_like(erythema_map)])
         return surrogate, healthy.latents[:, 0], original_healthy, drawn_maps
+
+    def _paint_patient_erythema(self, x: torch.Tensor, plans: list, digests: list[str], attempt: int,
+                                image_size: tuple, photos: list[np.ndarray], twins: list[np.ndarray],
+                                maps: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, list | None]:
+        """Step 2 with ``identity.erythema_appearance=patient``: the new identity's
+        healthy face drawn from noise (it is the healthy twin), and the patient's
+        own erythema (photo over the patient's healthy twin, on the map) laid out
+        with the map and painted onto it (:mod:`privacy_firewall.appearance`)."""
+        layout = self.settings.identity
+        appearances = [lesion_appearance(photo, twin, mp) for photo, twin, mp in zip(photos, twins, maps)]
+        drawn_maps = None
+        if layout.erythema_layout != "kept":
+            laid = [lay_out_erythema(mp, ap, derive_seed(self.key, "erythema-outline", d, str(attempt)), layout)
+                    for mp, ap, d in zip(maps, appearances, digests)]
+            drawn_maps, appearances = [m for m, _ in laid], [a for _, a in laid]
+        settings = self.settings.flowedit
+        no_erythema = torch.zeros((len(maps), 1, *maps[0].shape), device=x.device)
+        sampling = replace(settings, n_max=settings.steps, n_min=settings.steps)
+        face = flowedit(self.backend, x, [p[0] for p in plans], [[p[1][1]] for p in plans], sampling,
+                        [derive_seed(self.key, "identity-noise", d, str(attempt)) for d in digests],
+                        image_size=image_size, target_maps=[no_erythema])
+        healthy = face.latents[:, 0]
+        faces = to_uint8_images(self.backend.decode_latents(healthy))
+        skins = [skin_mask(f) for f in faces]  # erythema is on skin: never on the new hair, eyes or background
+        appearances = [a * s[..., None] for a, s in zip(appearances, skins)]
+        if drawn_maps is not None:
+            drawn_maps = [m & s for m, s in zip(drawn_maps, skins)]
+        painted = [paint_lesion(f, a) for f, a in zip(faces, appearances)]
+        surrogate = self.backend.encode_images(to_tensor_batch(painted).to(x.device))
+        return surrogate, healthy, drawn_maps

@@ -25,14 +25,24 @@ from common.io import atomic_write_bytes, atomic_write_json
 from privacy_firewall.calibration import cohort_masks
 from privacy_firewall.figures import heat_map
 from privacy_firewall.firewall import TwinResult
-from privacy_firewall.images import write_png
+from privacy_firewall.images import read_mask_png, write_png
 from privacy_firewall.masks import differential_mask
+from privacy_firewall.report import (
+    DeidentificationReport,
+    PhotoRecord,
+    RefusalCode,
+    ReportError,
+    Status,
+    save_report,
+)
 from privacy_firewall.settings import FirewallSettings
 from privacy_firewall.statistics import compare_a_star, mask_agreement, summarise
 
 MANIFEST = "manifest.local.csv"
+#: Where the reference mask of each ok id is kept (hospital-private).
+REFERENCE_FOLDER = ".local/reference"
 #: Output folders holding one ``<id>.png`` per image whose status is ok.
-PER_ID_FOLDERS = ("surrogates", "healthy", "masks", "panels", ".local/reference")
+PER_ID_FOLDERS = ("surrogates", "healthy", "masks", "panels", REFERENCE_FOLDER)
 
 
 def load_salt(out: Path) -> bytes:
@@ -55,6 +65,33 @@ class Entry:
     status: str = "pending"
     reason: str = ""
     stats: dict = field(default_factory=dict)
+    code: RefusalCode | None = None  # why it failed, set with status
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One line of ``manifest.local.csv``: which file an id came from (hospital-private)."""
+
+    id: str
+    source: str  # the photo's path as the firewall read it
+    status: Status
+
+
+def read_reference_masks(out: str | Path, ids: list[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The reference mask (what theta* was calibrated against) of each of ``ids``,
+    and the ids that have none."""
+    folder = Path(out) / REFERENCE_FOLDER
+    found = {i: folder / f"{i}.png" for i in ids if (folder / f"{i}.png").is_file()}
+    return {i: read_mask_png(path) for i, path in found.items()}, [i for i in ids if i not in found]
+
+
+def read_manifest(out: str | Path) -> list[ManifestRow]:
+    """The manifest of a firewall output folder (never shared: it names the files)."""
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        raise ReportError(f"{Path(out)} has no {MANIFEST}: run the firewall on the photos first")
+    with open(path, newline="", encoding="utf-8") as f:
+        return [ManifestRow(row["id"], row["source"], Status(row["status"])) for row in csv.DictReader(f)]
 
 
 def publish_image(path: Path, image: np.ndarray, cached: Path | None) -> None:
@@ -142,7 +179,7 @@ def finish(out: Path, settings: FirewallSettings, entries: list[Entry], results:
         if mask.any():
             stats["mean_a_star_rise_in_mask"] = float(res.a_star_difference[mask].mean())
         if ref is not None:
-            write_png(out / ".local" / "reference" / f"{e.id}.png", ref)
+            write_png(out / REFERENCE_FOLDER / f"{e.id}.png", ref)
             stats.update({f"{k}_vs_reference": v for k, v in mask_agreement(mask, ref).items()})
         if orig is not None and res.original_healthy_twin is not None:
             stats["original_a_star"] = compare_a_star(orig, res.original_healthy_twin)
@@ -154,13 +191,6 @@ def finish(out: Path, settings: FirewallSettings, entries: list[Entry], results:
 
     ok = [e for e in entries if e.status == "ok"]
     cohort = {
-        "images": len(entries),
-        "ok": len(ok),
-        "failed": sum(e.status == "failed" for e in entries),
-        "duplicates": sum(e.status == "duplicate" for e in entries),
-        "theta": cm.theta,
-        "theta_source": "calibrated" if cm.calibration else ("configured" if settings.mask.threshold != "auto" else "default"),
-        "reference": cm.reference_kind,
         "iou_vs_reference": summarise([e.stats.get("iou_vs_reference") for e in ok]),
         "dice_vs_reference": summarise([e.stats.get("dice_vs_reference") for e in ok]),
         "iou_orig_syn": summarise([e.stats.get("iou_orig_syn") for e in ok]),
@@ -205,20 +235,22 @@ def finish(out: Path, settings: FirewallSettings, entries: list[Entry], results:
 
     remove_outputs_not_ok(out, entries)
     write_manifest(out, entries)
-    images: dict[str, dict] = {}
-    for e in entries:  # the first row of an id wins: a later duplicate must not hide its status
-        images.setdefault(e.id, {"status": e.status, "reason": e.reason, **e.stats})
-    report = {
-        "cohort": cohort,
-        "images": images,
-        "calibration": {k: v for k, v in calibration.items() if k not in ("thresholds", "iou_curve")},
-        "config": _sanitised_settings(settings),
-        "gate": {"attempts_mean": summarise([e.stats.get("attempts") for e in ok]).get("mean"),
-                 "refused_still_identifiable": sum("still identifiable" in e.reason for e in entries),
-                 "refused_out_of_distribution": sum("not a synthetic-clinic face" in e.reason for e in entries)},
-    }
-    atomic_write_json(out / "report.json", report)
-    return report
+    # The first row of an id wins: a later duplicate must not hide its status.
+    rows = [(e.id, PhotoRecord(Status(e.status), e.code, e.reason, e.status == "ok" and res.drawn_erythema_map is not None,
+                               e.stats)) for e, res in zip(entries, results)]
+    report = DeidentificationReport.from_rows(
+        rows,
+        theta=cm.theta,
+        theta_source="calibrated" if cm.calibration else ("configured" if settings.mask.threshold != "auto" else "default"),
+        reference_kinds=cm.reference_kinds,
+        cohort_statistics=cohort,
+        calibration={k: v for k, v in calibration.items() if k not in ("thresholds", "iou_curve")},
+        config=_sanitised_settings(settings),
+        gate={"attempts_mean": summarise([e.stats.get("attempts") for e in ok]).get("mean"),
+              "refused_still_identifiable": sum(e.code is RefusalCode.STILL_IDENTIFIABLE for e in entries),
+              "refused_out_of_distribution": sum(e.code is RefusalCode.OUT_OF_DISTRIBUTION for e in entries)},
+    )
+    return save_report(out, report)
 
 
 def write_manifest(out: Path, entries: list[Entry]) -> None:

@@ -9,13 +9,13 @@ turned into a pair, so raw patient pixels cannot reach training by mistake.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from common.training_pairs import NotDeidentifiedError, TrainingPair, require_training_pairs
+from privacy_firewall.report import DeidentificationReport, ReportError, load_report
 
 _FIREWALL_TOKEN = object()  # only this module holds it
 
@@ -55,22 +55,24 @@ def require_deidentified(pairs: object) -> list[DeidentifiedPair]:
 
 def deidentified_ids(firewall_output: str | Path) -> list[str]:
     """Ids whose firewall status is ok, in report order."""
-    out = Path(firewall_output)
-    report_path = out / "report.json"
-    if not report_path.is_file():
-        raise NotDeidentifiedError(
-            f"{out} is not a privacy-firewall output (no report.json): run the firewall on the photos first"
-        )
-    report = json.loads(report_path.read_text())
-    return [i for i, rec in report.get("images", {}).items() if rec.get("status") == "ok"]
+    return _report(firewall_output).ok_ids
 
 
-def load_deidentified(firewall_output: str | Path, ids: list[str] | None = None) -> list[DeidentifiedPair]:
-    """The (surrogate, mask) pairs of a firewall output folder, for ids whose status is ok."""
+def _report(firewall_output: str | Path) -> DeidentificationReport:
+    try:
+        return load_report(firewall_output)
+    except ReportError as exc:
+        raise NotDeidentifiedError(str(exc)) from None
+
+
+def load_deidentified(firewall_output: str | Path, ids: list[str] | None = None,
+                      report: DeidentificationReport | None = None) -> list[DeidentifiedPair]:
+    """The (surrogate, mask) pairs of a firewall output folder, for ids whose status
+    is ok (in ``report``, the folder's report when the caller has read it already)."""
     from privacy_firewall.images import read_mask_png, read_rgb_png
 
     out = Path(firewall_output)
-    ok = deidentified_ids(out)
+    ok = (report or _report(out)).ok_ids
     wanted = ok if ids is None else [i for i in ids if i in set(ok)]
     pairs = []
     for i in wanted:

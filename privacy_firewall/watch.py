@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from common.io import atomic_write_json
+from privacy_firewall.report import load_report, save_report
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,9 @@ class FirewallStatus:
 
 
 class FirewallNotReady(RuntimeError):
-    """A trainer was asked for pairs before the firewall published any. Its text,
-    "not ready: N of M photos done", is all a server learns (server/strategy.py
-    reads the two counts from it)."""
+    """A trainer was asked for pairs before the firewall published any. ``status``
+    holds the counts (the ClientApp sends ``done`` and ``total`` as numbers); the
+    text, "not ready: N of M photos done", is for the hospital's own log."""
 
     def __init__(self, status: FirewallStatus) -> None:
         self.status = status
@@ -182,11 +183,12 @@ def _existing_snapshots(published_dir: Path) -> list[Path]:
 
 def publish_snapshot(output_dir: Path, published_dir: Path) -> tuple[str, dict]:
     """Copy the trainable part of a deidentify output (surrogates and masks of ok
-    ids, and a report of counts, ids and statuses: no reasons, no statistics) into
+    ids, and its report with statuses and codes only: no reasons, no statistics,
+    see :meth:`~privacy_firewall.report.DeidentificationReport.published`) into
     a new snapshot folder; returns its name and the cohort counts. Files unchanged
     since the previous snapshot are hard links to it."""
-    report = json.loads((output_dir / "report.json").read_text(encoding="utf-8"))
-    ok_ids = [i for i, rec in report["images"].items() if rec.get("status") == "ok"]
+    report = load_report(output_dir)
+    ok_ids = report.ok_ids
     previous = _existing_snapshots(published_dir)
     number = int(previous[-1].name[len(SNAPSHOT_PREFIX):]) + 1 if previous else 1
     name = f"{SNAPSHOT_PREFIX}{number:06d}"
@@ -201,11 +203,9 @@ def publish_snapshot(output_dir: Path, published_dir: Path) -> tuple[str, dict]:
                 os.link(before, target)
             else:
                 shutil.copyfile(source, target)
-    c = report["cohort"]
-    cohort = {"images": c["images"], "ok": c["ok"], "failed": c["failed"], "duplicates": c["duplicates"],
-              "theta": c["theta"]}
-    statuses = {i: {"status": rec.get("status")} for i, rec in report["images"].items()}
-    atomic_write_json(tmp / "report.json", {"cohort": cohort, "images": statuses})
+    cohort = {"images": report.images, "ok": report.ok, "failed": report.failed, "duplicates": report.duplicates,
+              "theta": report.theta}
+    save_report(tmp, report.published())
     os.rename(tmp, published_dir / name)
     return name, cohort
 

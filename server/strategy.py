@@ -6,7 +6,8 @@ The strategy is Flower's own; the subclass adds three things:
 * accounting: it remembers which hospitals (node ids) each round's messages were
   sent to, and sorts them by what came back: ``trained`` (a reply with a model),
   ``failed`` (the ClientApp raised), ``not_ready`` (the hospital's firewall has
-  not finished: "not ready: N of M photos done") and ``missed`` (no reply before
+  not finished: a reply whose metrics say ``ready=0``, ``done`` of ``total``
+  photos, :class:`skinfed.hospital_replies.NotReady`) and ``missed`` (no reply before
   the round timeout, or the SuperLink reported the node gone). Everything but
   ``trained`` counts as failed; flwr's FedAvg leaves those out of the average and
   the round goes on;
@@ -15,7 +16,8 @@ The strategy is Flower's own; the subclass adds three things:
   at most ``node_wait_seconds`` and then stops the run with a clear message
   (:class:`NotEnoughHospitals`). A hospital that comes back is sampled again in
   the next round;
-* summed firewall counts, for the run directory.
+* counts summed over the hospitals, not averaged (the fields of
+  :mod:`skinfed.hospital_replies` marked as counts), other metrics averaged by weight.
 
 Only node ids and numbers are recorded: no names, paths or reasons from hospitals.
 """
@@ -23,28 +25,22 @@ Only node ids and numbers are recorded: no names, paths or reasons from hospital
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from skinfed import patient_privacy
+from skinfed.hospital_replies import SUMMED_KEYS, progress_if_not_ready
 
 log = logging.getLogger("skinfed.server")
 
-#: What a ClientApp whose firewall has not finished raises (client/app.py): "not
-#: ready: N of M photos done", or "not ready: ..." without counts. The server reads
-#: the marker and the two counts, nothing else of the reason.
-NOT_READY_PATTERN = re.compile(r"not ready: (?:(\d+) of (\d+) photos done)?")
 #: flwr's error codes for replies that the SuperLink made because none came
 #: (flwr.common.constant.ErrorCode): message expired, reply expired, node gone.
 NO_REPLY_CODES = frozenset({3, 4, 5})
-#: The metric keys summed over the hospitals that trained.
-SUMMED_KEYS = ("firewall_accepted", "firewall_refused", "num-examples")
 
 
 class NotEnoughHospitals(RuntimeError):
@@ -58,7 +54,7 @@ class RoundOutcome:
     sent: list[int] = field(default_factory=list)
     trained: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)  # the ClientApp raised
-    not_ready: dict[int, tuple[int | None, int | None]] = field(default_factory=dict)  # node -> (done, total)
+    not_ready: dict[int, tuple[int, int]] = field(default_factory=dict)  # node -> (done, total)
     missed: list[int] = field(default_factory=list)  # no reply at all
 
     def summary(self) -> dict:
@@ -89,15 +85,13 @@ def classify_replies(sent: dict[str, int], replies: list[Message]) -> RoundOutco
             out.sent.append(node)  # accounting without configure_train (tests): learn from the reply
         answered.add(node)
         if not reply.has_error():
-            out.trained.append(node)
-            continue
-        error = reply.error
-        not_ready = NOT_READY_PATTERN.search(error.reason or "")
-        if int(error.code) in NO_REPLY_CODES:
+            progress = _not_ready(reply)
+            if progress is None:
+                out.trained.append(node)
+            else:
+                out.not_ready[node] = progress
+        elif int(reply.error.code) in NO_REPLY_CODES:
             out.missed.append(node)
-        elif not_ready:
-            counts = not_ready.groups()
-            out.not_ready[node] = (None, None) if counts[0] is None else (int(counts[0]), int(counts[1]))
         else:
             out.failed.append(node)
     out.missed += [node for node in out.sent if node not in answered]
@@ -105,13 +99,33 @@ def classify_replies(sent: dict[str, int], replies: list[Message]) -> RoundOutco
     return out
 
 
-def _sum_metrics(replies: list[Message], keys: tuple[str, ...]) -> dict[str, float]:
-    ok = [m for m in replies if not m.has_error()]
-    out: dict[str, float] = {}
-    for key in keys:
-        values = [float(m.content["metrics"][key]) for m in ok if key in m.content["metrics"]]
-        if values:
-            out[key] = sum(values)
+def _not_ready(reply: Message) -> tuple[int, int] | None:
+    records = list(reply.content.metric_records.values())
+    return progress_if_not_ready(records[0]) if len(records) == 1 else None
+
+
+def _with_a_model(replies: list[Message]) -> list[Message]:
+    """The replies flwr's aggregation may see: errors (which it counts) and models,
+    not the answers of hospitals that are not ready (they carry no model)."""
+    return [m for m in replies if m.has_error() or _not_ready(m) is None]
+
+
+def combine_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """The hospitals' metrics in one record: counts (``skinfed.hospital_replies.SUMMED_KEYS``)
+    summed, everything else averaged weighted by ``weighted_by_key`` (flwr's
+    ``train_metrics_aggr_fn``/``evaluate_metrics_aggr_fn``)."""
+    metrics = [next(iter(r.metric_records.values())) for r in records]
+    weights = [float(m[weighted_by_key]) for m in metrics]
+    total = sum(weights) or 1.0
+    out = MetricRecord()
+    for key in dict.fromkeys(k for m in metrics for k in m.keys()):
+        values = [(m[key], w) for m, w in zip(metrics, weights) if key in m and not isinstance(m[key], list)]
+        if not values:
+            continue
+        if key in SUMMED_KEYS:
+            out[key] = sum(v for v, _ in values)
+        else:
+            out[key] = float(sum(float(v) * w for v, w in values) / total)
     return out
 
 
@@ -176,23 +190,23 @@ def recording_strategy(base: type[FedAvg], *, node_wait_seconds: float, **kwargs
         # -- accounting ------------------------------------------------------------------------
         def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
             replies = list(replies)
-            arrays, metrics = super().aggregate_train(server_round, replies)
+            arrays, metrics = super().aggregate_train(server_round, _with_a_model(replies))
             outcome = self._outcome("train", server_round, replies)
-            summary = {**outcome.summary(), **_sum_metrics(replies, SUMMED_KEYS)}
-            summary.update({k: float(v) for k, v in (metrics or {}).items() if k == "train_loss"})
+            summary = {**outcome.summary(), **{k: float(v) for k, v in (metrics or {}).items()
+                                               if k in SUMMED_KEYS or k == "train_loss"}}
             summary.update(patient_privacy.round_summary(replies))  # epsilon per hospital (patient-level DP)
             self.train_summary[server_round] = summary
             if summary["clients_failed"]:
                 log.warning(
                     "round %d: %d of %d hospital(s) left out of the average: failed %s, not ready %s, no reply %s",
                     server_round, summary["clients_failed"], len(outcome.sent), outcome.failed or "-",
-                    {n: "?" if d is None else f"{d} of {t} photos done" for n, (d, t) in outcome.not_ready.items()} or "-",
+                    {n: f"{d} of {t} photos done" for n, (d, t) in outcome.not_ready.items()} or "-",
                     outcome.missed or "-")
             return arrays, metrics
 
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
             replies = list(replies)
-            metrics = super().aggregate_evaluate(server_round, replies)
+            metrics = super().aggregate_evaluate(server_round, _with_a_model(replies))
             outcome = self._outcome("evaluate", server_round, replies)
             self.evaluate_summary[server_round] = {
                 **{k: float(v) for k, v in (metrics or {}).items()},
@@ -200,6 +214,8 @@ def recording_strategy(base: type[FedAvg], *, node_wait_seconds: float, **kwargs
             }
             return metrics
 
+    kwargs.setdefault("train_metrics_aggr_fn", combine_metrics)
+    kwargs.setdefault("evaluate_metrics_aggr_fn", combine_metrics)
     return Recording(**kwargs)
 
 

@@ -122,9 +122,11 @@ def main(argv: list[str] | None = None, log_file: str | Path | None = None) -> i
     parser.add_argument("--keep-superlink", action="store_true", help="leave the local SuperLink running afterwards")
     args = parser.parse_args(argv)
 
-    from skinfed.config import ConfigError, load_run_config
+    from common.config import reject_foreign_overrides
+    from skinfed.config import RUN_PARTS, ConfigError, load_run_config
 
     try:
+        reject_foreign_overrides(args.overrides, RUN_PARTS, "skinfed-run")  # e.g. sweep.*: before any work
         cfg = load_run_config(args.overrides)
     except ConfigError as exc:
         print(f"skinfed-run: error: {exc}", file=sys.stderr)

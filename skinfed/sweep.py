@@ -29,8 +29,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from common.io import atomic_write_json
 from common.config import conf_dir
+from common.io import atomic_write_json
 
 #: the sweep folder of the current multirun (set by the first job)
 SWEEP_DIRS: list[Path] = []
@@ -60,8 +60,9 @@ def firewall_scores(cfg, job_dir: Path) -> dict:
 
 def run_job(job_dir: Path, overrides: list[str]) -> dict:
     """One sweep job: federated run + firewall scores -> ``job_dir/result.json``."""
+    from common.config import split_overrides
     from skinfed import launch
-    from skinfed.config import load_run_config
+    from skinfed.config import RUN_PARTS, load_run_config
 
     t0 = time.time()
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +74,8 @@ def run_job(job_dir: Path, overrides: list[str]) -> dict:
                                               "erythema_kept_rate", "erythema_removed_rate")})
         log = job_dir / "federated.log"
         runs = job_dir / "runs"
-        rc = launch.main([*overrides, f"paths.runs={runs}"], log_file=log)
+        run_overrides, _ = split_overrides(overrides, RUN_PARTS)  # sweep.* are this job's, not the run's
+        rc = launch.main([*run_overrides, f"paths.runs={runs}"], log_file=log)
         metrics = sorted(runs.glob("*/metrics.json"))
         if rc != 0 or not metrics:
             tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-8:] if log.exists() else []

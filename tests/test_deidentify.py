@@ -319,7 +319,7 @@ def test_each_input_is_processed_or_listed_with_a_reason(zoo, case):
     else:
         assert row["status"] == "failed"
         assert case.expect in row["reason"], row["reason"]
-        assert rec == {"status": "failed", "reason": row["reason"]}
+        assert rec == {"status": "failed", "code": "unreadable", "reason": row["reason"], "new_erythema_layout": False}
         assert not any(p.exists() for p in files)
 
 
@@ -628,8 +628,11 @@ def break_one_image(monkeypatch, mode: str) -> list[int]:
     return hits
 
 
-@pytest.mark.parametrize(("mode", "reason"), [("nan", "NaN"), ("constant", "blank"), ("exception", "edit failed")])
-def test_a_failed_edit_gets_no_surrogate_and_never_reaches_training(tiny_model_dir, tmp_path, monkeypatch, mode, reason):
+@pytest.mark.parametrize(("mode", "reason", "code"), [("nan", "NaN", "non_finite_output"),
+                                                      ("constant", "blank", "blank_output"),
+                                                      ("exception", "edit failed", "edit_failed")])
+def test_a_failed_edit_gets_no_surrogate_and_never_reaches_training(tiny_model_dir, tmp_path, monkeypatch, mode, reason,
+                                                                    code):
     inp, out, home = small_folder(tmp_path, n=2), tmp_path / "out", tmp_path / "home"
     Image.fromarray(marked_photo(40)).save(inp / "visit marked Ωmega.png")
     # A first, healthy run leaves a surrogate for every photo ...
@@ -645,6 +648,8 @@ def test_a_failed_edit_gets_no_surrogate_and_never_reaches_training(tiny_model_d
     row = rows["visit marked Ωmega.png"]
     assert row["id"] == marked_id and row["status"] == "failed" and reason in row["reason"]
     assert read_report(out)["images"][marked_id]["status"] == "failed"
+    assert read_report(out)["images"][marked_id]["code"] == code
+    assert read_report(out)["cohort"]["refused"] == {code: 1}
     # Fail closed: the earlier run's outputs for it are gone too.
     assert not any(p.exists() for p in per_id_files(out, marked_id))
     others = [r for name, r in rows.items() if name != "visit marked Ωmega.png"]

@@ -414,21 +414,16 @@ def test_make_certificates_gives_the_files_to_the_containers_user(tmp_path):
 
 
 def _client_metric_keys() -> set[str]:
-    """The keys of every MetricRecord the ClientApp sends back (read from client/app.py):
-    a dict literal in the call, or the dict literals assigned to the name it is given."""
+    """The keys of every MetricRecord the ClientApp sends back: the fields of the
+    replies in skinfed/hospital_replies.py, which client/app.py builds its records from."""
+    from skinfed.hospital_replies import SENT_KEYS
+
     tree = ast.parse((ROOT / "client" / "app.py").read_text())
-    assigned: dict[str, set[str]] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
-            for target in node.targets:
-                if isinstance(target, ast.Name):
-                    assigned.setdefault(target.id, set()).update(k.value for k in node.value.keys)
-    keys: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "MetricRecord":
-            arg = node.args[0]
-            keys |= {k.value for k in arg.keys} if isinstance(arg, ast.Dict) else assigned[arg.id]
-    return keys
+    literal = [node for node in ast.walk(tree)
+               if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "MetricRecord"
+               and node.args and isinstance(node.args[0], ast.Dict)]
+    assert not literal, "client/app.py builds a MetricRecord by hand: use the replies of skinfed.hospital_replies"
+    return set(SENT_KEYS)
 
 
 def test_deployment_docs_match_the_files():
@@ -446,7 +441,7 @@ def test_deployment_docs_match_the_files():
     listed = set(re.findall(r"`([\w-]+)`", section.split("\n\n", 2)[1]))
     assert listed == _client_metric_keys() == {"train_loss", "num-examples", "firewall_accepted",
                                                "firewall_refused", "dice", "iou", "loss",
-                                               "ready", "accepted", "refused"}
+                                               "ready", "done", "total", "accepted", "refused"}
     # Every flag the docs show exists: in this flwr's programs, in make_certificates, or
     # these few of the flwr CLI (`flwr run`, `flwr supernode`) and `docker compose up`.
     parsers = [*(build() for build in _flwr_parsers().values()), make_certificates.build_parser()]

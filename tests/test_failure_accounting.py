@@ -1,4 +1,4 @@
-"""The server's failure accounting (issue 14): which hospitals trained, failed,
+"""The server's failure accounting: which hospitals trained, failed,
 were not ready or never replied, per round, a bounded wait for hospitals, and
 per-round seconds in the run directory. No Flower runtime: a fake grid and
 hand-made replies."""
@@ -15,6 +15,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from server.strategy import NotEnoughHospitals, classify_replies, recording_strategy
+from skinfed.hospital_replies import NotReady
 
 SUPERLINK = 1  # flwr's SUPERLINK_NODE_ID: the source of replies the SuperLink makes itself
 
@@ -41,12 +42,17 @@ def _error(src: int, reply_to: str, code: int, reason: str) -> Message:
     return Message(metadata=_meta(src, reply_to), error=Error(code=code, reason=reason))
 
 
+def _not_ready(src: int, reply_to: str, done: int, total: int) -> Message:
+    """What client/app.py answers when its firewall has published nothing yet."""
+    return Message(metadata=_meta(src, reply_to), content=RecordDict({"metrics": NotReady.of(done, total).to_record()}))
+
+
 def test_replies_are_sorted_by_hospital():
     sent = {"m11": 11, "m12": 12, "m13": 13, "m14": 14, "m15": 15}
     replies = [
         _ok(11, "m11"),
         _error(12, "m12", 2, "<class 'client.app.HospitalError'>:<'train failed at the hospital with ValueError'>"),
-        _error(13, "m13", 2, "<class 'FirewallNotReady'>:<'not ready: 3 of 12 photos done'>"),
+        _not_ready(13, "m13", done=3, total=12),
         _error(SUPERLINK, "m14", 5, "Error: Node Unavailable"),  # made by the SuperLink: names our message
         # m15: no reply before the timeout
     ]
@@ -120,18 +126,38 @@ def test_run_directory_records_seconds_per_round_and_hospital_ids(tiny_config):
     assert row1.split(",")[header.split(",").index("hospitals_missed")] == "9"
 
 
-def test_the_firewalls_not_ready_text_is_what_the_server_reads():
-    from privacy_firewall.watch import FirewallNotReady, FirewallStatus
-    from server.strategy import NOT_READY_PATTERN
+def test_not_ready_is_read_from_the_replys_fields_never_from_text():
+    outcome = classify_replies({"m": 7}, [_not_ready(7, "m", done=3, total=12)])
+    assert outcome.not_ready == {7: (3, 12)} and outcome.failed == [] and outcome.trained == []
+    # The firewall never ran: 0 of 0, still not ready, not failed.
+    outcome = classify_replies({"m": 7}, [_not_ready(7, "m", done=0, total=0)])
+    assert outcome.summary()["hospitals_not_ready"] == [{"id": 7, "done": 0, "total": 0}]
+    # An error whose text looks like the old signal is a failure like any other.
+    outcome = classify_replies({"m": 7}, [_error(7, "m", 2, "<class 'X'>:<'not ready: 3 of 12 photos done'>")])
+    assert outcome.failed == [7] and outcome.not_ready == {}
 
-    error = FirewallNotReady(FirewallStatus("working", done=3, total=12))
-    reason = str(type(error)) + ":<'" + str(error) + "'>"  # how flwr 1.42 forwards a ClientApp's exception
-    outcome = classify_replies({"m": 7}, [_error(7, "m", 2, reason)])
-    assert NOT_READY_PATTERN.search(reason) and outcome.not_ready == {7: (3, 12)} and outcome.failed == []
-    # Without counts (the firewall never ran): still not ready, not failed.
-    outcome = classify_replies({"m": 7}, [_error(7, "m", 2, "<class 'X'>:<'not ready: the firewall has not run'>")])
-    assert outcome.not_ready == {7: (None, None)} and outcome.failed == []
-    assert outcome.summary()["hospitals_not_ready"] == [{"id": 7, "done": None, "total": None}]
+
+def test_counts_are_summed_over_hospitals_and_not_ready_ones_sit_out():
+    strategy = _strategy(min_available=1, wait=1)
+    replies = [_ok(41, "a", value=1.0, n=10), _ok(42, "b", value=4.0, n=30), _not_ready(43, "c", done=5, total=9)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((2,), 3.25))  # 10:30 weights, no 43
+    assert metrics["firewall_accepted"] == 40 and metrics["num-examples"] == 40  # sums, not weighted means
+    assert metrics["train_loss"] == pytest.approx(3.25)
+    summary = strategy.train_summary[1]
+    assert summary["firewall_accepted"] == 40 and summary["firewall_refused"] == 0
+    assert summary["hospitals_trained"] == [41, 42] and summary["hospitals_not_ready"] == [{"id": 43, "done": 5,
+                                                                                             "total": 9}]
+
+
+def test_the_summed_keys_are_the_count_fields_of_the_replies():
+    from server import strategy
+    from skinfed.hospital_replies import SUMMED_KEYS, TrainReply
+
+    assert not hasattr(strategy, "NOT_READY_PATTERN")
+    assert {"firewall_accepted", "firewall_refused", "num-examples"} <= set(SUMMED_KEYS)
+    assert "train_loss" not in SUMMED_KEYS and set(TrainReply.keys()) == {"train_loss", "num-examples",
+                                                                          "firewall_accepted", "firewall_refused"}
 
 
 def test_a_hospital_that_comes_back_is_sent_the_next_round():

@@ -74,24 +74,30 @@ def test_failed_edits_never_reach_the_trainer(tiny_config):
     out = next((folder.parents[3] / "nodes").iterdir()) / "firewall"
     report = json.loads((out / "report.json").read_text())
     victim = data.train[0].id
-    report["images"][victim]["status"] = "failed"
+    report["images"][victim].update(status="failed", code="edit_failed")
     (out / "report.json").write_text(json.dumps(report))
     assert victim not in {p.id for p in load_deidentified(out)}
+    # A report that contradicts itself (failed without a reason code) is no report: nothing is trained on.
+    report["images"][victim]["code"] = None
+    (out / "report.json").write_text(json.dumps(report))
+    with pytest.raises(NotDeidentifiedError, match="run the firewall again"):
+        load_deidentified(out)
 
 
 def _firewall_output_like(folder, n: int = 8, size: int = 32):
     """A firewall output folder holding clinic faces and their true masks: a
     clean task to check that the trainer learns."""
     from privacy_firewall.images import write_png
+    from privacy_firewall.report import DeidentificationReport, PhotoRecord, Status, save_report
     from synthetic_clinic import render_subject
 
-    images = {}
+    rows = []
     for i in range(n):
         s = render_subject(99, i, size)
         write_png(folder / "surrogates" / f"id{i}.png", s.pathological)
         write_png(folder / "masks" / f"id{i}.png", s.mask)
-        images[f"id{i}"] = {"status": "ok"}
-    (folder / "report.json").write_text(json.dumps({"images": images}))
+        rows.append((f"id{i}", PhotoRecord(Status.OK)))
+    save_report(folder, DeidentificationReport.from_rows(rows, theta=6.0, theta_source="default"))
     return folder
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from privacy_firewall.report import load_report
 from privacy_firewall.watch import (
     EMPTY,
     MISSING,
@@ -63,8 +64,12 @@ def test_watch_publishes_trainable_pairs_and_follows_new_photos(tmp_path, tiny_f
     # Only what a trainer needs is published: no manifest, panels, figures or reference masks.
     assert {p.name for p in first.iterdir()} == {"report.json", "surrogates", "masks"}
     report = json.loads((first / "report.json").read_text())
-    assert set(report["cohort"]) == {"images", "ok", "failed", "duplicates", "theta"}
-    assert all(set(rec) == {"status"} for rec in report["images"].values())
+    assert set(report["cohort"]) == {"images", "ok", "failed", "duplicates", "theta", "theta_source", "reference",
+                                     "reference_kinds", "refused", "new_erythema_layout"}  # counts, no statistics
+    assert all(set(rec) == {"status", "code", "reason", "new_erythema_layout"} and rec["reason"] == ""
+               for rec in report["images"].values())
+    assert report["config"] == report["calibration"] == report["gate"] == {}
+    assert load_report(first).ok == 3
     published_text = (published / STATUS_FILE).read_text() + (first / "report.json").read_text()
     for p in (folder / "images").iterdir():
         assert p.stem not in published_text and str(folder) not in published_text

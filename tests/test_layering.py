@@ -38,6 +38,12 @@ FORBIDDEN_IMPORTS = {
 }
 
 
+#: Upward arrows still there, each with why: the attacker's harness (skinfed.audit)
+#: reads the simulated hospitals' pairs the way the ClientApp loads them, until it
+#: moves into a package of its own above the apps.
+KNOWN_UPWARDS = {("skinfed/audit", "client.hospital")}
+
+
 def _imported_modules(path: Path) -> list[str]:
     """Every absolute module name ``path`` imports, at any depth of its code."""
     names = []
@@ -52,9 +58,12 @@ def _imported_modules(path: Path) -> list[str]:
 def test_no_package_imports_upwards():
     for package, forbidden in FORBIDDEN_IMPORTS.items():
         for path in (ROOT / package).rglob("*.py"):
+            where = path.relative_to(ROOT)
             for name in _imported_modules(path):
+                if any(where.is_relative_to(folder) and name == module for folder, module in KNOWN_UPWARDS):
+                    continue
                 top = name.split(".")[0]
-                assert top not in (*forbidden, "scripts", "tests"), f"{path.relative_to(ROOT)} imports {name}"
+                assert top not in (*forbidden, "scripts", "tests"), f"{where} imports {name}"
 
 
 def test_the_layering_check_sees_an_upward_import(tmp_path):

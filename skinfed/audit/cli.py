@@ -155,21 +155,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", choices=("noise", "average_face"), default="noise",
                         help="the inversion's starting image (average_face: the gallery's mean)")
     parser.add_argument("--device", default="cpu",
-                        help="where the inversion runs: cpu, cuda or cuda:N (the attacks on updates stay on the CPU)")
+                        help="where the inversion runs: auto, cpu, cuda or cuda:N (the attacks on updates stay on the CPU)")
     parser.add_argument("--checkpoint", default=None, help="a trained global model for the trained-state attacks")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, as for the runs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    device_error = _check_device(args.device)
-    if device_error:
-        parser.error(device_error)
+    from common.config import ConfigError, reject_foreign_overrides
+    from common.device import resolve_device
+    from skinfed.config import RUN_PARTS
+
+    try:  # before any work
+        reject_foreign_overrides(args.overrides, RUN_PARTS, "skinfed-audit")
+        device = str(resolve_device(args.device, "--device"))
+    except ConfigError as exc:
+        parser.error(str(exc))
     torch.set_num_threads(max(1, int(os.environ.get("SKINFED_THREADS", os.cpu_count() or 1))))
 
     start, cpu_start = time.perf_counter(), time.process_time()
     settings = AuditSettings(
         inversion=InversionBudget(iterations=args.iterations, tv_weight=args.tv_weight, start=args.start),
         inversion_patients=args.inversion_patients,
-        inversion_device=args.device,
+        inversion_device=device,
     )
     inputs = prepare_inputs(args.overrides, args.gallery, args.checkpoint, settings)
     prepared, prepared_cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -188,22 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     summary = {**result.report["summary"], "report": paths["report"], "figure": paths["figure"]}
     print(json.dumps(json_safe(summary), default=_jsonable))
     return 0
-
-
-def _check_device(device: str) -> str | None:
-    """Why ``--device`` cannot be used here, or None."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        return f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N"
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            return f"--device {device}: no CUDA GPU is visible here; use --device cpu (and a smaller --iterations)"
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-    elif parsed.type != "cpu":
-        return f"--device {device}: the audit runs on cpu or cuda"
-    return None
 
 
 def _default_out(overrides: list[str]) -> Path:
