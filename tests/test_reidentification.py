@@ -162,18 +162,49 @@ def test_learned_matcher_attack_learns_a_fixed_transformation():
     assert result.top1 > 3 / 16  # well above chance (1/16)
 
 
-def test_learned_mask_attack_runs_on_masks():
+def test_learned_mask_attack_sees_through_a_fixed_transformation_of_masks():
+    """The mask-only attacker: a surrogate's mask is the patient's mask mirrored
+    with specks; a matcher trained on such pairs links held-out ones."""
     from models.identity_matcher import IdentityEmbedderConfig, TrainSettings
 
-    masks = np.random.default_rng(8).random((40, 16, 16)) > 0.7
-    attack = LearnedMatcherAttack(IdentityEmbedderConfig(in_channels=1, width=4, embed_dim=8, image_size=16),
-                                  TrainSettings(steps=5, batch_size=16)).fit(masks, masks, progress=False)
-    result = attack.attack(masks[:10], masks[:10], name="mask_learned")
-    assert "reid_top1_mask_learned" in result.metrics()
+    rng = np.random.default_rng(8)
+
+    def blocky_masks(n: int) -> np.ndarray:
+        return np.repeat(np.repeat(rng.random((n, 4, 4)) > 0.5, 4, 1), 4, 2)
+
+    def surrogate_mask(masks: np.ndarray) -> np.ndarray:
+        return masks[:, :, ::-1] ^ (rng.random(masks.shape) > 0.95)
+
+    train, test = blocky_masks(96), blocky_masks(16)
+    attack = LearnedMatcherAttack(IdentityEmbedderConfig(in_channels=1, width=4, embed_dim=16, image_size=16),
+                                  TrainSettings(steps=60, batch_size=32, learning_rate=5e-3))
+    result = attack.fit(train, surrogate_mask(train), progress=False).attack(surrogate_mask(test), test,
+                                                                             name="mask_learned")
+    assert result.metrics()["reid_top1_mask_learned"] == result.top1
+    assert result.top1 > 3 / 16  # well above chance (1/16)
 
 
-def test_gallery_figure_is_a_png(tmp_path):
+def frame_colours(path) -> tuple[int, int]:
+    """Pixels of the figure in matplotlib's tab:green and tab:red (the frames)."""
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+    return int((rgb == (44, 160, 44)).all(1).sum()), int((rgb == (214, 39, 40)).all(1).sum())
+
+
+def test_gallery_figure_frames_right_guesses_green_and_wrong_ones_red(tmp_path):
+    from PIL import Image
+
     gallery = random_images(6)
-    result = pixel_attack(gallery, gallery)
-    path = reid_gallery_figure(tmp_path / "reid.png", gallery, gallery, gallery, [result], rows=3)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    right = pixel_attack(gallery, gallery)  # each surrogate is its own source
+    wrong = pixel_attack(gallery[::-1], gallery)  # each is another person's photo
+    assert right.top1 == 1.0 and wrong.top1 == 0.0
+    green, red = frame_colours(reid_gallery_figure(tmp_path / "right.png", gallery, gallery, gallery, [right], rows=3))
+    assert green > 0 and red == 0
+    path = reid_gallery_figure(tmp_path / "wrong.png", gallery, gallery[::-1], gallery, [wrong], rows=3)
+    green, red = frame_colours(path)
+    assert green == 0 and red > 0
+    # One row per subject asked for, and no metadata (no software or dates in the file).
+    taller = reid_gallery_figure(tmp_path / "six.png", gallery, gallery, gallery, [right], rows=6)
+    assert Image.open(taller).height > 1.8 * Image.open(path).height
+    assert "Software" not in Image.open(path).info
