@@ -285,7 +285,7 @@ def test_the_audit_says_when_the_device_it_is_asked_for_is_not_there(capsys):
     assert "no CUDA GPU" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--device", "gpu0"])
-    assert "not a torch device" in capsys.readouterr().err
+    assert "--device='gpu0' is not a device: use auto, cpu, cuda or cuda:N" in capsys.readouterr().err
 
 
 def test_pooled_audits_weigh_every_trial_once(tmp_path):
