@@ -68,3 +68,12 @@ def draw_identity(attributes: dict[str, tuple[str, ...]], seed: int) -> Identity
             choice = FEMALE_DEFAULT[name]
         phrases.append(choice)
     return Identity(sex, tuple(phrases))
+
+
+def keep_attributes(identity: Identity, kept: tuple[str, ...], attributes: dict[str, tuple[str, ...]]) -> Identity:
+    """``identity`` with the source's ``kept`` phrases in place of the drawn
+    phrases of the same attributes (a kept skin tone replaces the drawn one;
+    a kept phrase of no drawn attribute, such as the view, is added)."""
+    replaced = {name for name, values in attributes.items() if any(k in values for k in kept)}
+    drawn = [p for p in identity.phrases if not any(p in attributes[name] for name in replaced)]
+    return Identity(identity.sex, tuple(drawn) + tuple(kept))

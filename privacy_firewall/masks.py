@@ -73,9 +73,16 @@ def reshape_erythema_map(erythema_map: np.ndarray, seed: int, displacement: floa
     centre of mass by a factor in [0.8, 1.25], moved by up to ``shift`` x the
     image side in each direction, and bent by a smooth random displacement field
     of amplitude ``displacement`` x the image side."""
+    return _reshape(erythema_map, None, seed, displacement, shift)[0]
+
+
+def _reshape(erythema_map: np.ndarray, planes: np.ndarray | None, seed: int, displacement: float,
+             shift: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`reshape_erythema_map`, carrying ``planes`` (H, W, C float values
+    that live on the map, e.g. the lesion's colour) through the same geometry."""
     m = np.asarray(erythema_map, dtype=bool)
     if not m.any():
-        return m.copy()
+        return m.copy(), None if planes is None else np.zeros_like(planes)
     rng = np.random.default_rng(seed)
     h, w = m.shape
     mirror = bool(rng.random() < 0.5)
@@ -94,9 +101,25 @@ def reshape_erythema_map(erythema_map: np.ndarray, seed: int, displacement: floa
     src_y = cy + (v - move_y - cy) / scale + field[1]
     if mirror:
         src_x = (w - 1) - src_x
-    out = cv2.remap(m.astype(np.float32), src_x.astype(np.float32), src_y.astype(np.float32), interpolation=cv2.INTER_LINEAR,
-                    borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
-    return out >= 0.5
+    src_x, src_y = src_x.astype(np.float32), src_y.astype(np.float32)
+
+    def remap(a: np.ndarray) -> np.ndarray:
+        return cv2.remap(a, src_x, src_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                         borderValue=0.0)
+
+    out = remap(m.astype(np.float32)) >= 0.5
+    if planes is None:
+        return out, None
+    weight = remap(m.astype(np.float32))
+    moved = _on_map(np.stack([remap(np.ascontiguousarray(planes[..., c] * m)) for c in range(planes.shape[-1])], -1),
+                    weight)
+    return out, moved * out[..., None]
+
+
+def _on_map(weighted: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Planes that were multiplied by their map before an interpolating warp,
+    divided by the warped map: the values inside, not faded towards the edge."""
+    return (weighted / np.maximum(weight, 1e-3)[..., None]).astype(np.float32)
 
 
 def redraw_erythema_map(erythema_map: np.ndarray, seed: int, displacement: float,
@@ -116,10 +139,18 @@ def redraw_erythema_map(erythema_map: np.ndarray, seed: int, displacement: float
     random point of the box ``region`` x ``region`` (fractions of the side), all
     from ``seed``. The patient's map decides little more than that there is
     erythema: a map with none stays empty."""
+    return _redraw(erythema_map, None, seed, displacement, patches, area, region)[0]
+
+
+def _redraw(erythema_map: np.ndarray, planes: np.ndarray | None, seed: int, displacement: float,
+            patches: tuple[int, int], area: tuple[float, float],
+            region: tuple[float, float]) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`redraw_erythema_map`, carrying ``planes`` with each patch."""
     m = np.asarray(erythema_map, dtype=bool)
+    moved = None if planes is None else np.zeros_like(planes, dtype=np.float32)
     count, labels = cv2.connectedComponents(m.astype(np.uint8), connectivity=8)
     if count < 2:
-        return np.zeros_like(m)
+        return np.zeros_like(m), moved
     own_patches = [labels == k for k in range(1, count)]
     rng = np.random.default_rng(seed)
     h, w = m.shape
@@ -129,8 +160,9 @@ def redraw_erythema_map(erythema_map: np.ndarray, seed: int, displacement: float
     shares = rng.dirichlet(np.full(n_new, 2.0))
     out = np.zeros_like(m)
     for share in shares:
-        patch = reshape_erythema_map(own_patches[int(rng.integers(len(own_patches)))], int(rng.integers(2**31)),
-                                     displacement)
+        own = own_patches[int(rng.integers(len(own_patches)))]
+        patch, patch_planes = _reshape(own, None if planes is None else planes * own[..., None],
+                                       int(rng.integers(2**31)), displacement, 0.0)
         if not patch.any():
             continue
         # Scaled to its share of the area, turned by a random angle and stretched
@@ -149,23 +181,41 @@ def redraw_erythema_map(erythema_map: np.ndarray, seed: int, displacement: float
         low, high = -placed.min(axis=0), np.array([w, h]) - 1 - placed.max(axis=0)
         centre = np.where(low <= high, np.clip(centre, low, high), np.array([w, h]) / 2)
         affine = np.hstack([linear, (centre - linear @ mean)[:, None]]).astype(np.float32)
-        soft = cv2.warpAffine(patch.astype(np.float32), affine, (w, h), flags=cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
-        if scale > 1.0:  # a patch scaled up is smoothed in proportion, or its outline shows the pixel grid
-            soft = cv2.GaussianBlur(soft, (0, 0), 0.5 * scale)
-        out |= soft >= 0.5
-    return out
+
+        def place(a: np.ndarray, scale: float = scale, affine: np.ndarray = affine) -> np.ndarray:
+            warped = cv2.warpAffine(a, affine, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                                    borderValue=0.0)
+            if scale > 1.0:  # a patch scaled up is smoothed in proportion, or its outline shows the pixel grid
+                warped = cv2.GaussianBlur(warped, (0, 0), 0.5 * scale)
+            return warped
+
+        soft = place(patch.astype(np.float32))
+        here = soft >= 0.5
+        out |= here
+        if moved is not None:
+            values = np.stack([place(np.ascontiguousarray(patch_planes[..., c] * patch))
+                               for c in range(planes.shape[-1])], -1)
+            moved[here] = _on_map(values, soft)[here]  # a later patch lies over an earlier one
+    return out, moved
 
 
 def lay_out_erythema_map(erythema_map: np.ndarray, seed: int, identity: IdentitySettings) -> np.ndarray:
     """The patient's erythema map in the layout ``identity.erythema_layout``
     (redrawn, reshaped or kept), with that layout's settings and ``seed``."""
+    return lay_out_erythema(erythema_map, None, seed, identity)[0]
+
+
+def lay_out_erythema(erythema_map: np.ndarray, planes: np.ndarray | None, seed: int,
+                     identity: IdentitySettings) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`lay_out_erythema_map`, carrying ``planes`` (H, W, C values on the map,
+    such as the lesion's own colour) through the same geometry: zero off the new map."""
     if identity.erythema_layout == "redrawn":
-        return redraw_erythema_map(erythema_map, seed, identity.reshape_displacement, tuple(identity.redraw_patches),
-                                   tuple(identity.redraw_area), tuple(identity.redraw_region))
+        return _redraw(erythema_map, planes, seed, identity.reshape_displacement, tuple(identity.redraw_patches),
+                       tuple(identity.redraw_area), tuple(identity.redraw_region))
     if identity.erythema_layout == "reshaped":
-        return reshape_erythema_map(erythema_map, seed, identity.reshape_displacement, identity.reshape_shift)
-    return np.asarray(erythema_map, dtype=bool).copy()
+        return _reshape(erythema_map, planes, seed, identity.reshape_displacement, identity.reshape_shift)
+    m = np.asarray(erythema_map, dtype=bool).copy()
+    return m, None if planes is None else (np.asarray(planes, np.float32) * m[..., None])
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

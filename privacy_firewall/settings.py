@@ -137,6 +137,14 @@ class IdentitySettings:
     redraw_patches: list[int]
     redraw_area: list[float]
     redraw_region: list[float]
+    # Where the surrogate's erythema comes from (backends that take a map):
+    #   generator: drawn by the model along the laid-out map (it looks as the
+    #     model's training images showed erythema);
+    #   patient: the patient's own erythema, relative to their own healthy skin
+    #     (hue, strength, texture; privacy_firewall.appearance), laid out with the
+    #     map and painted onto the new identity's healthy face, which is also the
+    #     healthy twin. The new identity then keeps the patient's skin-tone group.
+    erythema_appearance: str
     # A surrogate the gate still links to its source is redrawn with a new
     # identity this many times in all before the photo is refused.
     attempts: int
@@ -145,6 +153,7 @@ class IdentitySettings:
         check_choice("firewall.identity.mode", self.mode, ("new_identity", "opposite_sex"))
         check_positive("firewall.identity.attempts", self.attempts)
         check_choice("firewall.identity.erythema_layout", self.erythema_layout, ("redrawn", "reshaped", "kept"))
+        check_choice("firewall.identity.erythema_appearance", self.erythema_appearance, ("generator", "patient"))
         for name in ("reshape_displacement", "reshape_shift"):
             value = getattr(self, name)
             if not 0.0 <= value <= 0.5:

@@ -34,6 +34,9 @@ class DataSettings:
     """Where the hospitals' photos come from (``conf/data/*.yaml``)."""
 
     source: str  # synthetic | folder
+    # Which synthetic world the hospitals and the held-out originals come from:
+    # hospital (presentations public data lacks) or public (what anyone can render).
+    world: str
     clinic_seed: int
     num_subjects: int
     image_size: int
@@ -48,6 +51,7 @@ class DataSettings:
 
     def __post_init__(self) -> None:
         check_choice("data.source", self.source, ("synthetic", "folder"))
+        check_choice("data.world", self.world, ("hospital", "public"))
         if self.source == "folder" and not self.folder:
             raise ConfigError("data.source=folder needs data.folder=/path/to/hospital/data")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -142,7 +146,7 @@ class FederationSettings:
         check_choice("federation.partitioning", self.partitioning, ("dirichlet", "iid"))
         check_positive("federation.dirichlet_alpha", self.dirichlet_alpha)
         for key in self.skew_by:
-            check_choice("federation.skew_by entry", key, ("skin_tone_group", "view", "sex"))
+            check_choice("federation.skew_by entry", key, ("presentation", "skin_tone_group", "view", "sex"))
         for name in ("fraction_train", "fraction_evaluate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"federation.{name}={getattr(self, name)} must be in [0, 1]")

@@ -77,9 +77,11 @@ class FlowBackend(ABC):
 
         return PHOTO_IDENTITY_ATTRIBUTES
 
-    def kept_attributes(self, images: list[np.ndarray]) -> list[tuple[str, ...]]:
+    def kept_attributes(self, images: list[np.ndarray], skin_tone: bool = False) -> list[tuple[str, ...]]:
         """Phrases of the source a new identity keeps by design, per prepared photo
-        (the embedded model keeps the view: the erythema map is drawn in it)."""
+        (the embedded model keeps the view: the erythema map is drawn in it; and
+        with ``skin_tone`` the skin-tone group, which the patient's own erythema
+        is measured against)."""
         return [() for _ in images]
 
     def attribute_classifier(self) -> Any | None:

@@ -129,17 +129,27 @@ class EmbeddedBackend(FlowBackend):
             return {name: phrases for name, phrases in ATTRIBUTE_SLOTS.items() if name not in _NOT_DRAWN}
         return _VERSION_1_ATTRIBUTES
 
-    def kept_attributes(self, images: list[np.ndarray]) -> list[tuple[str, ...]]:
+    def kept_attributes(self, images: list[np.ndarray], skin_tone: bool = False) -> list[tuple[str, ...]]:
         """The view (full face or periocular close-up): the erythema map is in the
-        photo's view, so the new identity is drawn in it too."""
+        photo's view, so the new identity is drawn in it too. With ``skin_tone``
+        also the skin-tone group (light, medium, dark): the patient's erythema is
+        carried relative to their own skin, and looks like itself only on skin
+        of the same group."""
         classifier = self.attribute_classifier()
         if self.model.config.conditioning != "attribute_slots" or classifier is None or not images:
             return [() for _ in images]
         from privacy_firewall.images import to_tensor_batch
 
         with torch.no_grad():
-            views = classifier.predict(to_tensor_batch(images))["view"]
-        return [(ATTRIBUTE_SLOTS["view"][1] if v == "periocular" else ATTRIBUTE_SLOTS["view"][0],) for v in views]
+            predicted = classifier.predict(to_tensor_batch(images))
+        kept = []
+        for i, view in enumerate(predicted["view"]):
+            phrases = (ATTRIBUTE_SLOTS["view"][1] if view == "periocular" else ATTRIBUTE_SLOTS["view"][0],)
+            if skin_tone:
+                group = predicted["skin_tone_group"][i]
+                phrases += (ATTRIBUTE_SLOTS["skin"][("light", "medium", "dark").index(group)],)
+            kept.append(phrases)
+        return kept
 
     def attribute_classifier(self) -> Any | None:
         if self._classifier is None and self.folder is not None:
