@@ -364,3 +364,24 @@ def test_the_gate_without_any_matcher_refuses() -> None:
     settings = load_firewall_settings(["firewall.gate.matcher=none"]).gate
     (verdict,) = IdentityGate(settings, None).check([np.zeros((8, 8, 3), np.uint8)], [np.zeros((8, 8, 3), np.uint8)])
     assert not verdict.passed and "no identity matcher" in verdict.reason
+
+
+@pytest.mark.parametrize("backend", ["embedded", "sd3"])
+def test_a_hospital_gets_nothing_to_train_on_from_a_refused_real_photo(
+        backend: str, tiny_pipelines: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ClientApp's prepare step (client/hospital.py) on a real photo, with the
+    shipped embedded model (not a clinic face) and with random-weight SD3 (no face
+    for the dlib gate): refused, so the trainer gets no pair from it."""
+    from client.hospital import load_hospital, prepare_hospital
+    from skinfed.config import load_run_config
+
+    monkeypatch.setenv("SKINFED_HOME", str(tmp_path / "home"))
+    overrides = [] if backend == "embedded" else [
+        "backend=sd3", f"firewall.backend.model_path={tiny_pipelines['sd3']}", *REAL_PHOTO_OVERRIDES]
+    cfg = load_run_config(overrides)
+    hospital = tmp_path / "hospital"
+    (hospital / "images").mkdir(parents=True)
+    shutil.copyfile(GRACE_HOPPER, hospital / "images" / "portrait.jpg")
+    assert prepare_hospital(cfg, hospital) == {"images": 1, "ok": 0, "failed": 1}
+    data = load_hospital(cfg, hospital)
+    assert data.train == [] and data.validation == [] and (data.accepted, data.refused) == (0, 1)
