@@ -246,9 +246,14 @@ class PrivacyFirewall:
         layout_keys = {"kept": (), "reshaped": ("reshape_displacement", "reshape_shift"),
                        "redrawn": ("reshape_displacement", "redraw_patches", "redraw_area", "redraw_region")}
         used = ("erythema_layout", *layout_keys[identity["erythema_layout"]]) if self.draws_from_map else ()
+        # Settings that only change pixels away from their defaults, named only then
+        # (so a cache made before they existed stays valid).
+        if self.draws_from_map and identity["erythema_layout"] == "redrawn" and identity["redraw_placement"] != "anywhere":
+            used += ("redraw_placement", "redraw_jitter")
         if self.draws_from_map and identity["erythema_appearance"] != "generator":
             used += ("erythema_appearance",)
-        every = {"erythema_layout", "erythema_appearance", *(k for keys in layout_keys.values() for k in keys)}
+        every = {"erythema_layout", "erythema_appearance", "redraw_placement", "redraw_jitter",
+                 *(k for keys in layout_keys.values() for k in keys)}
         return {k: v for k, v in identity.items() if k not in every or k in used}
 
     def cache_key(self, digest: str, source_sex: str) -> str:

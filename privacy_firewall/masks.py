@@ -143,9 +143,13 @@ def redraw_erythema_map(erythema_map: np.ndarray, seed: int, displacement: float
 
 
 def _redraw(erythema_map: np.ndarray, planes: np.ndarray | None, seed: int, displacement: float,
-            patches: tuple[int, int], area: tuple[float, float],
-            region: tuple[float, float]) -> tuple[np.ndarray, np.ndarray | None]:
-    """:func:`redraw_erythema_map`, carrying ``planes`` with each patch."""
+            patches: tuple[int, int], area: tuple[float, float], region: tuple[float, float],
+            own_region_jitter: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`redraw_erythema_map`, carrying ``planes`` with each patch. With
+    ``own_region_jitter`` a patch is centred where its own patch was (mirrored
+    with it), moved by up to that fraction of the side, instead of anywhere in
+    ``region``: the erythema stays in its anatomical region (a cheek patch on a
+    cheek, perioral erythema around the mouth)."""
     m = np.asarray(erythema_map, dtype=bool)
     moved = None if planes is None else np.zeros_like(planes, dtype=np.float32)
     count, labels = cv2.connectedComponents(m.astype(np.uint8), connectivity=8)
@@ -177,6 +181,8 @@ def _redraw(erythema_map: np.ndarray, planes: np.ndarray | None, seed: int, disp
         mean = np.array([xs.mean(), ys.mean()])
         placed = (np.stack([xs, ys], axis=1) - mean) @ linear.T  # the patch's pixels about its new centre
         centre = rng.uniform(region[0], region[1], size=2) * np.array([w, h])
+        if own_region_jitter is not None:
+            centre = mean + rng.uniform(-own_region_jitter, own_region_jitter, size=2) * np.array([w, h])
         # Where the patch would stick out of the frame, move it back in.
         low, high = -placed.min(axis=0), np.array([w, h]) - 1 - placed.max(axis=0)
         centre = np.where(low <= high, np.clip(centre, low, high), np.array([w, h]) / 2)
@@ -210,8 +216,9 @@ def lay_out_erythema(erythema_map: np.ndarray, planes: np.ndarray | None, seed: 
     """:func:`lay_out_erythema_map`, carrying ``planes`` (H, W, C values on the map,
     such as the lesion's own colour) through the same geometry: zero off the new map."""
     if identity.erythema_layout == "redrawn":
+        jitter = identity.redraw_jitter if identity.redraw_placement == "own_region" else None
         return _redraw(erythema_map, planes, seed, identity.reshape_displacement, tuple(identity.redraw_patches),
-                       tuple(identity.redraw_area), tuple(identity.redraw_region))
+                       tuple(identity.redraw_area), tuple(identity.redraw_region), jitter)
     if identity.erythema_layout == "reshaped":
         return _reshape(erythema_map, planes, seed, identity.reshape_displacement, identity.reshape_shift)
     m = np.asarray(erythema_map, dtype=bool).copy()

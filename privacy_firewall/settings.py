@@ -137,6 +137,11 @@ class IdentitySettings:
     redraw_patches: list[int]
     redraw_area: list[float]
     redraw_region: list[float]
+    # redrawn: where a patch goes. anywhere: a random point of redraw_region;
+    # own_region: where the patient's own patch was (mirrored with it), moved by
+    # up to redraw_jitter x the side, so the affected region is kept.
+    redraw_placement: str
+    redraw_jitter: float
     # Where the surrogate's erythema comes from (backends that take a map):
     #   generator: drawn by the model along the laid-out map (it looks as the
     #     model's training images showed erythema);
@@ -162,6 +167,10 @@ class IdentitySettings:
         check_range("firewall.identity.redraw_patches", self.redraw_patches, 1, 16, "[1,4]")
         check_range("firewall.identity.redraw_area", self.redraw_area, 1e-4, 1.0, "[0.02,0.2]")
         check_range("firewall.identity.redraw_region", self.redraw_region, 0.0, 1.0, "[0.25,0.75]")
+        check_choice("firewall.identity.redraw_placement", self.redraw_placement, ("anywhere", "own_region"))
+        if not 0.0 <= self.redraw_jitter <= 0.5:
+            raise ConfigError(f"firewall.identity.redraw_jitter={self.redraw_jitter}: a fraction of the image side "
+                              "in [0, 0.5] (e.g. 0.08)")
 
 
 @dataclass

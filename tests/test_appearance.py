@@ -144,3 +144,32 @@ def test_the_painted_path_keeps_the_skin_tone_group_and_costs_fewer_evaluations(
     # a different appearance is a different cache entry
     assert firewall.fingerprint()["identity"]["erythema_appearance"] == "patient"
     assert "erythema_appearance" not in out["generator"][0].fingerprint()["identity"]
+
+
+def test_own_region_placement_keeps_each_patch_near_where_it_was():
+    settings = load_firewall_settings(["firewall.identity.redraw_placement=own_region",
+                                       "firewall.identity.redraw_jitter=0.05"]).identity
+    anywhere = identity_settings("redrawn")
+    near, far = [], []
+    for i in range(16):
+        cs = render_subject(15, i, 64, world="hospital", presentation="perioral")
+        if not cs.mask.any():
+            continue
+        own_y = np.nonzero(cs.mask)[0].mean()
+        for identity, out in ((settings, near), (anywhere, far)):
+            drawn = lay_out_erythema_map(cs.mask, 100 + i, identity)
+            if drawn.any():
+                out.append(abs(np.nonzero(drawn)[0].mean() - own_y))
+    # perioral erythema stays around the mouth (rows ~45 of 64): within the jitter
+    # and the patches' own spread, where a free placement lands ~10 rows away
+    assert np.median(near) <= 4
+    assert np.median(far) >= 2 * np.median(near)
+
+
+def test_placement_settings_are_checked():
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="redraw_placement"):
+        load_firewall_settings(["firewall.identity.redraw_placement=somewhere"])
+    with pytest.raises(ConfigError, match="redraw_jitter"):
+        load_firewall_settings(["firewall.identity.redraw_jitter=0.9"])
