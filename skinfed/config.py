@@ -9,6 +9,7 @@ sweep settings belong to the Flower apps and are defined here.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,8 @@ class DifferentialPrivacySettings:
         check_choice("federation.dp.mode", self.mode,
                 ("off", "client-fixed", "client-adaptive", "server-fixed", "server-adaptive", "patient"))
         check_positive("federation.dp.noise_multiplier", self.noise_multiplier, allow_zero=True)
+        if not math.isfinite(self.noise_multiplier):
+            raise ConfigError(f"federation.dp.noise_multiplier={self.noise_multiplier} must be a finite number")
         check_positive("federation.dp.clipping_norm", self.clipping_norm)
         if not 0 < self.delta < 1:
             raise ConfigError(f"federation.dp.delta={self.delta} must be in (0, 1)")

@@ -49,10 +49,12 @@ def test_an_override_reaches_the_one_setting_and_the_saved_config():
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("federation.client_resources.num_cpus=-3", "federation.client_resources.num_cpus"),  # the bug of issue 13
+    ("federation.client_resources.num_cpus=-3", "federation.client_resources.num_cpus"),
     ("federation.client_resources.num_gpus=-1", "federation.client_resources.num_gpus"),
     ("federation.min_available_hospitals=many", "majority"),
     ("federation.dp.mode=sometimes", "federation.dp.mode"),
+    ("federation.dp.noise_multiplier=nan", "federation.dp.noise_multiplier=nan must be a finite number"),
+    ("federation.dp.delta=1.5", "federation.dp.delta"),
     ("model.decoder_channels=[8]", "model.decoder_channels"),
     ("data.label_source=crowd", "data.label_source"),
     ("firewall.flowedit.n_max=99", "firewall.flowedit.n_max"),
@@ -79,3 +81,19 @@ def test_majority_of_the_connected_hospitals():
     assert f.num_hospitals is None and f.min_available_hospitals == "majority"
     assert [f.required_hospitals(n) for n in (1, 2, 3, 4, 5)] == [1, 2, 2, 3, 3]
     assert load_run_config(["federation.min_available_hospitals=1"]).federation.required_hospitals(4) == 1
+
+
+def test_dp_defaults_come_from_conf_only():
+    """Flower's DP settings take the run's federation.dp values: DpSettings has no
+    defaults of its own for them (conf/federation/default.yaml is their one home)."""
+    import dataclasses
+
+    from skinfed.differential_privacy import DpSettings
+
+    fields = {f.name: f for f in dataclasses.fields(DpSettings)}
+    for name in ("mode", "noise_multiplier", "clipping_norm", "delta"):
+        assert fields[name].default is dataclasses.MISSING, name
+    dp = load_run_config(["federation.dp.mode=server-fixed", "federation.dp.noise_multiplier=0.7"]).federation.dp
+    settings = DpSettings.from_config(dp, num_sampled_clients=2, population_size=2)
+    assert (settings.mode, settings.noise_multiplier, settings.clipping_norm, settings.delta) == (
+        "server-fixed", 0.7, dp.clipping_norm, dp.delta)

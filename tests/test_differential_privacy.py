@@ -40,7 +40,8 @@ def _inside_a_task(monkeypatch):
 
 
 def _settings(mode: str = "client-fixed", **kw) -> DpSettings:
-    base = {"noise_multiplier": 0.5, "clipping_norm": 2.0, "num_sampled_clients": 4, "population_size": 4}
+    base = {"noise_multiplier": 0.5, "clipping_norm": 2.0, "num_sampled_clients": 4, "population_size": 4,
+            "delta": 1e-5}
     return DpSettings(mode=mode, **{**base, **kw})
 
 
