@@ -46,13 +46,12 @@ def audit_run(run_dir: str | Path, num_shadows: int = 4, shadow_epochs: int | No
     """Both membership attacks on the run's global model (see the module docstring)."""
     from client.hospital import load_hospital
     from models import private_training, segmentation
-    from skinfed.config import load_saved_config
     from skinfed.data import simulation_hospitals
     from skinfed.patient_privacy import build_federated_model, is_patient_dp
     from synthetic_clinic import render_subject
 
     run_dir = Path(run_dir)
-    cfg = load_saved_config(run_dir / "config.yaml")
+    cfg = _saved_config(run_dir / "config.yaml")
     model = build_federated_model(cfg)
     model.load_state_dict(_global_state(run_dir), strict=False)
 
@@ -104,6 +103,22 @@ def audit_run(run_dir: str | Path, num_shadows: int = 4, shadow_epochs: int | No
         "attacks": attacks,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _saved_config(path: Path):
+    """The run's saved configuration; keys added to ``conf/`` since the run take
+    their current defaults (the attack reads the model, data and DP parts)."""
+    from omegaconf import OmegaConf
+
+    from skinfed.config import ConfigError, compose, load_saved_config, run_config
+
+    try:
+        return load_saved_config(path)
+    except ConfigError:
+        current = compose([])
+        merged = OmegaConf.merge(current, OmegaConf.load(path))
+        merged.paths = current.paths
+        return run_config(merged)
 
 
 def _run_noise(run_dir: Path) -> float | None:
