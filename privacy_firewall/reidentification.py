@@ -361,8 +361,8 @@ def attribute_retention(source_predictions: Mapping[str, Sequence[str]],
 
 def retained_above_chance(retention: Mapping[str, Mapping[str, float]], margin: float = 0.10,
                           exempt: Sequence[str] = ("erythema",)) -> list[str]:
-    """Heads whose retention exceeds chance by more than ``margin`` (the issue's
-    bar), apart from ``exempt`` ones (clinically needed, kept by design)."""
+    """Heads whose retention exceeds chance by more than ``margin`` (no identity
+    attribute may be kept above chance + 10 points), apart from ``exempt`` ones (clinically needed, kept by design)."""
     return [h for h, r in retention.items() if h not in exempt and r["excess"] > margin]
 
 

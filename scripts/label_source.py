@@ -2,7 +2,7 @@
 
     python -m scripts.label_source --out docs/label_source --rounds 5
     python -m scripts.label_source --out runs/label_source --rounds 3 --target-dice 0.6 federation.num_hospitals=4
-    python -m scripts.label_source --rounds 5 firewall.identity.erythema_layout=kept   # the README's table
+    python -m scripts.label_source --rounds 5 firewall.identity.erythema_layout=kept   # the table in docs/results.md
 
 One federated run per ``data.label_source`` (``differential``: the firewall's
 masks, today's pipeline; ``ground_truth``: the synthetic clinic's masks of the

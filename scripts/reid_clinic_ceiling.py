@@ -2,8 +2,8 @@
 
 The synthetic clinic renders every subject a second time with the other sex's
 features (jaw, hair length, beard, brows) and everything else kept, erythema
-included. A firewall that did exactly that would be a perfect sex swap; issue 11
-measured that it is not de-identification. This script runs every attacker of
+included. A firewall that did exactly that would be a perfect sex swap, which is
+not de-identification. This script runs every attacker of
 ``privacy_firewall.reidentification`` on it, with no firewall involved:
 
 * queries: the opposite-sex renders of ``--n`` subjects of each held-out seed;

@@ -12,7 +12,8 @@ scored on held-out seed 777. Per subject the pool holds five renders:
 
 **Matcher.** Positives are views of one subject: the erythema is not identity
 (views 0, 1, 2), and neither are the sex-linked features (views 3, 4: a perfect
-sex swap is still the same person to an attacker, issue 11), so the gate cannot
+sex swap is still the same person to an attacker: scripts/reid_clinic_ceiling.py
+links it), so the gate cannot
 be passed by changing sex and hair alone. Negatives are the other subjects in
 the batch. The distance threshold is calibrated on held-out pairs of different
 subjects at ``--fmr`` (false-match rate, default 5 %): for the gate a false match

@@ -20,7 +20,7 @@ gets the model). It is central DP: the server receives each hospital's clipped
 update without noise, so it does not protect an update from the server itself
 (``LocalDpMod`` or secure aggregation would).
 
-Three things the project must do with it (see the report of issue 12):
+Three things the project must do with it:
 
 * under DP every hospital must weigh the same in the average: FedAvg weighs by
   ``num-examples``, and the noise (``z C / n``) is calibrated for equal weights;

@@ -1,5 +1,5 @@
 """`privacy-firewall deidentify` on bad input, fail-closed edits, ids, privacy of the
-outputs and resumable runs (issue 5).
+outputs and resumable runs.
 
 Everything runs on a tiny random-weight embedded model (16 x 16, 4 steps), so no
 trained weights are needed. The expensive part, one run over a folder holding every

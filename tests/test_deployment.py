@@ -1,4 +1,4 @@
-"""The hospital deployment (issues 8 and 14): Dockerfile, docker-compose.yml,
+"""The hospital deployment: Dockerfile, docker-compose.yml,
 scripts/make_certificates.py and docs/deployment.md.
 
 No Docker engine is needed: docker-compose.yml is validated against the Compose
@@ -641,7 +641,7 @@ def _wait_for_firewall(published: Path, proc: subprocess.Popen, timeout: float =
     raise TimeoutError(f"the firewall service is not ready after {timeout:.0f} s: {read_status(published)}")
 
 
-# In the default run (issue 14: CI keeps the loopback test): ~3 min on 2 idle cores.
+# In the default run (CI keeps the loopback test): ~3 min on 2 idle cores.
 def test_compose_deployment_runs_one_round_on_loopback(tmp_path, tiny_embedded_dir):
     """Each hospital's firewall service de-identifies its photos first; then the
     SuperLink (TLS, node authentication, process isolation) + its ServerApp

@@ -1,4 +1,4 @@
-"""docker-compose.yml under a real Docker engine (issue 14): slow, needs Docker.
+"""docker-compose.yml under a real Docker engine: slow, needs Docker.
 
     python -m pytest -m slow tests/test_docker_stack.py      # builds the image first (scripts/deployment_check.sh)
     sudo scripts/deployment_check.sh                          # the same, as a script a person can run

@@ -1,4 +1,4 @@
-"""`privacy-firewall watch` (issue 14): the firewall as a service that de-identifies
+"""`privacy-firewall watch`: the firewall as a service that de-identifies
 a photo folder, publishes only trainable pairs with a status file, and keeps them
 up to date when photos are added."""
 

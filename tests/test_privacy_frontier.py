@@ -34,7 +34,7 @@ def test_a_point_without_dice_is_named(tmp_path):
 
 
 def test_the_shipped_points_make_the_table_and_figure(tmp_path, capsys):
-    """docs/privacy_frontier.json (the README's frontier) goes through the script:
+    """docs/privacy_frontier.json (the frontier in docs/results.md) goes through the script:
     one row per measured configuration, its Dice as measured, and each point
     says where its numbers come from."""
     shipped = privacy_frontier.DOCS / "privacy_frontier.json"

@@ -17,8 +17,8 @@ Updates attacked:
   against the candidates' one-step gradients (an attacker who does not replay);
 * ``fedavg_replay_seed_known`` / ``_seed_secret``: the real FedAvg update against
   the attacker's replay of the same local training on each candidate, with the
-  hospital's training seed (an attacker who knows it: the project derived it
-  from public values before issue 13), or with another seed (it is secret);
+  hospital's training seed (an attacker who knows it, the worst case: it is
+  derived from the hospital's secret key), or with another seed (it is secret);
 * ``fedavg_replay_erythema_only`` / ``_image_only``: controls of what carries the
   link: the attacker replays each candidate's mask on the gallery's average face
   (the erythema alone), or each candidate's photo with one shared mask (the image
