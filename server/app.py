@@ -163,7 +163,8 @@ def prepare_hospitals(grid: Grid, hospitals: list[int], cfg: RunConfig) -> None:
     say(f"privacy firewall: de-identifying at {len(hospitals)} hospital(s) "
         f"(at most {cfg.federation.prepare_timeout:.0f} s)...")
     t0 = time.time()
-    messages = [Message(RecordDict({"config": ConfigRecord({"task": "prepare"})}), dst_node_id=node,
+    # The query message is the request itself (the ClientApp's one query handler): no keys to read.
+    messages = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node,
                         message_type="query") for node in hospitals]
     replies = list(grid.send_and_receive(messages, timeout=cfg.federation.prepare_timeout))
     answered = {m.metadata.src_node_id: m for m in replies}

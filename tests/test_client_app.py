@@ -52,7 +52,7 @@ def test_a_hospital_not_ready_answers_with_fields_not_text(run_env, tmp_path):
     evaluation = Message(RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord()}), dst_node_id=1,
                          message_type="evaluate")
     assert dict(client_app.evaluate(evaluation, context).content["metrics"]) == {"ready": 0, "done": 3, "total": 12}
-    query = Message(RecordDict({"config": ConfigRecord({"task": "prepare"})}), dst_node_id=1, message_type="query")
+    query = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=1, message_type="query")
     answer = PrepareReply.from_record(client_app.prepare(query, context).content["metrics"])
     assert answer == PrepareReply(ready=0, done=3, total=12, accepted=0, refused=0)
 
