@@ -11,7 +11,8 @@ Output (``OUT``)::
     masks/<id>.png          the differential mask at theta* (trainable)
     panels/<id>.png         surrogate | healthy twin | a* difference | mask | overlay
     figures/*.png           Fig. 2 examples, Fig. 4 mask stability, Fig. 5 histograms, calibration curve
-    report.json             per-id status and statistics, cohort statistics, theta*, config
+    report.json             per-id status, refusal code and statistics, cohort counts and
+                            statistics, theta*, config (privacy_firewall.report: read it with load_report)
     calibration.json        theta* and its IoU curve (reused by `calibrate`/`report`)
     manifest.local.csv      id -> source file: NEVER SHARE (the only link to patients)
     .local/                 salt of the ids and reference masks: never share
