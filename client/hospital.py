@@ -76,11 +76,10 @@ def prepare_hospital(cfg: RunConfig, data_dir: str | Path, work_dir: str | Path 
         raise FileNotFoundError(f"hospital data folder {data_dir} does not exist: set the node's data-path")
     node = node_dir(cfg, data_dir, work_dir)
     try:
-        deidentify_folder(data_dir, node / "firewall", firewall_settings_for(cfg, node), progress=progress)
+        report = deidentify_folder(data_dir, node / "firewall", firewall_settings_for(cfg, node), progress=progress)
     except UsageError as exc:  # e.g. an empty folder: a hospital with nothing to offer
         log.warning("hospital has no usable photos: %s", exc)
         return {"images": 0, "ok": 0, "failed": 0}
-    report = load_report(node / "firewall")
     return {"images": report.images, "ok": report.ok, "failed": report.failed}
 
 

@@ -54,7 +54,7 @@ def cmd_deidentify(args) -> int:
     report = deidentify_folder(args.input_dir, args.output_dir, cfg, progress=not args.quiet)
     print(summary_line(report))
     print(f"outputs in {args.output_dir} (manifest.local.csv links ids to files: never share it)", file=sys.stderr)
-    return EXIT_OK if report["cohort"]["failed"] == 0 else EXIT_FAILED
+    return EXIT_OK if report.failed == 0 else EXIT_FAILED
 
 
 def cmd_calibrate(args) -> int:
@@ -69,7 +69,7 @@ def cmd_calibrate(args) -> int:
     # Everything comes from the firewall cache: only thresholds and masks are redone.
     report = deidentify_folder(marker.read_text().strip(), out, cfg, progress=not args.quiet)
     print(summary_line(report))
-    return EXIT_OK if report["cohort"]["failed"] == 0 else EXIT_FAILED
+    return EXIT_OK if report.failed == 0 else EXIT_FAILED
 
 
 def cmd_report(args) -> int:
@@ -91,7 +91,7 @@ def cmd_report(args) -> int:
     for i, photo in report.photos.items():
         if photo.status is Status.FAILED:
             print(f"  failed {i}: {photo.reason} ({photo.code})", file=sys.stderr)
-    print(summary_line(report.to_json()))
+    print(summary_line(report))
     return EXIT_OK if report.failed == 0 else EXIT_FAILED
 
 

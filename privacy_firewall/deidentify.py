@@ -52,7 +52,7 @@ from privacy_firewall.outputs import (
     remove_stale_temporaries,
     summary_line,
 )
-from privacy_firewall.report import RefusalCode
+from privacy_firewall.report import DeidentificationReport, RefusalCode
 from privacy_firewall.settings import FirewallSettings
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,9 @@ def check_folders(input_dir: str | Path, output_dir: str | Path) -> None:
 
 
 def deidentify_folder(input_dir: str | Path, output_dir: str | Path, settings: FirewallSettings,
-                      firewall: PrivacyFirewall | None = None, progress: bool = True) -> dict:
-    """Run the firewall on every photo of ``input_dir``; returns the report."""
+                      firewall: PrivacyFirewall | None = None, progress: bool = True) -> DeidentificationReport:
+    """Run the firewall on every photo of ``input_dir``; returns the report (also
+    written as ``report.json``)."""
     from tqdm import tqdm
 
     out = Path(output_dir)

@@ -161,7 +161,7 @@ def remove_outputs_not_ok(out: Path, entries: list[Entry]) -> None:
 
 
 def finish(out: Path, settings: FirewallSettings, entries: list[Entry], results: list[TwinResult],
-           ground_truth: list, originals: list, seconds: float) -> dict:
+           ground_truth: list, originals: list, seconds: float) -> DeidentificationReport:
     """Calibrate, write masks/panels/figures, the manifest and report.json."""
     from privacy_firewall import figures
 
@@ -250,7 +250,8 @@ def finish(out: Path, settings: FirewallSettings, entries: list[Entry], results:
               "refused_still_identifiable": sum(e.code is RefusalCode.STILL_IDENTIFIABLE for e in entries),
               "refused_out_of_distribution": sum(e.code is RefusalCode.OUT_OF_DISTRIBUTION for e in entries)},
     )
-    return save_report(out, report)
+    save_report(out, report)
+    return report
 
 
 def write_manifest(out: Path, entries: list[Entry]) -> None:
@@ -262,10 +263,10 @@ def write_manifest(out: Path, entries: list[Entry]) -> None:
     atomic_write_bytes(out / MANIFEST, buf.getvalue().encode("utf-8"))
 
 
-def summary_line(report: dict) -> str:
-    c = report["cohort"]
+def summary_line(report: DeidentificationReport) -> str:
+    stats = report.cohort_statistics
     return json.dumps({
-        "images": c["images"], "ok": c["ok"], "failed": c["failed"], "theta": c["theta"],
-        "reference": c["reference"], "iou_vs_reference": c["iou_vs_reference"].get("mean"),
-        "seconds_per_image": c["seconds_per_image"].get("mean"),
+        "images": report.images, "ok": report.ok, "failed": report.failed, "theta": report.theta,
+        "reference": report.reference, "iou_vs_reference": stats.get("iou_vs_reference", {}).get("mean"),
+        "seconds_per_image": stats.get("seconds_per_image", {}).get("mean"),
     })

@@ -311,7 +311,7 @@ class Watcher:
         atomic_write_json(self.state_file, {"fingerprint": fingerprint, "config": self.config_key, "snapshot": name})
         prune_snapshots(self.published_dir)
         self._say(f"ready: {cohort['ok']} de-identified, {cohort['failed']} refused or failed, "
-                  f"{report['cohort']['duplicates']} duplicates ({time.time() - started:.0f} s); published {name}")
+                  f"{report.duplicates} duplicates ({time.time() - started:.0f} s); published {name}")
         return self.status
 
     def run(self, interval: float, once: bool = False) -> FirewallStatus:

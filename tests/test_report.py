@@ -111,8 +111,9 @@ def test_deidentify_writes_codes_that_name_why(tiny_embedded_dir, tmp_path):
     settings = load_firewall_settings([f"firewall.backend.model_path={tiny_embedded_dir}", "firewall.flowedit.steps=4",
                                        "firewall.flowedit.n_max=3", "firewall.gate.matcher=none",
                                        "firewall.gate.require_matcher=false", f"paths.home={tmp_path / 'home'}"])
-    deidentify_folder(photos, tmp_path / "out", settings, progress=False)
+    written = deidentify_folder(photos, tmp_path / "out", settings, progress=False)
     report = load_report(tmp_path / "out")
+    assert report == written
     assert (report.images, report.ok, report.failed, report.duplicates) == (4, 1, 2, 1)
     assert report.refusals == {RefusalCode.DUPLICATE: 1, RefusalCode.OUT_OF_DISTRIBUTION: 1, RefusalCode.UNREADABLE: 1}
     assert report.refused(RefusalCode.OUT_OF_DISTRIBUTION) == 1 == report.gate["refused_out_of_distribution"]
