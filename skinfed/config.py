@@ -84,9 +84,9 @@ class DifferentialPrivacySettings:
     # patient mode only: the noise for this epsilon over the planned rounds x local
     # epochs instead of noise_multiplier; the per-sample clipping norm; the budget
     # past which a hospital refuses to train (null: none).
-    target_epsilon: Optional[float] = None
-    max_grad_norm: float = 1.0
-    max_epsilon: Optional[float] = None
+    target_epsilon: Optional[float]
+    max_grad_norm: float
+    max_epsilon: Optional[float]
 
     def __post_init__(self) -> None:
         check_choice("federation.dp.mode", self.mode,
@@ -276,10 +276,11 @@ def load_flower_run_config(run_config_record: Any = None) -> RunConfig:
 
 def load_saved_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """A run's saved ``config.yaml`` (plus ``key=value`` overrides); the paths are
-    this machine's, from the current configuration."""
+    this machine's, and a setting the run's version did not have yet takes its
+    default from the current ``conf/``."""
     try:
-        saved = OmegaConf.load(path)
         current = compose([])
+        saved = OmegaConf.merge(current, OmegaConf.load(path))
         saved.paths = current.paths
         saved.firewall.cache_dir = current.firewall.cache_dir
         saved.firewall.key_file = current.firewall.key_file

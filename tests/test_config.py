@@ -97,3 +97,21 @@ def test_dp_defaults_come_from_conf_only():
     settings = DpSettings.from_config(dp, num_sampled_clients=2, population_size=2)
     assert (settings.mode, settings.noise_multiplier, settings.clipping_norm, settings.delta) == (
         "server-fixed", 0.7, dp.clipping_norm, dp.delta)
+
+
+def test_a_saved_run_config_keeps_its_values_and_gains_new_settings(tmp_path):
+    """A run's config.yaml from a version without some setting (here the DP budget
+    and the data world) loads with today's defaults for those, its own values for
+    the rest."""
+    import yaml
+
+    from skinfed.config import load_saved_config
+
+    saved = load_run_config(["federation.num_rounds=3", "federation.dp.noise_multiplier=0.3"]).to_dict()
+    del saved["federation"]["dp"]["max_epsilon"], saved["data"]["world"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    cfg = load_saved_config(tmp_path / "config.yaml", ["model.local_epochs=2"])
+    current = load_run_config([])
+    assert (cfg.federation.num_rounds, cfg.federation.dp.noise_multiplier, cfg.model.local_epochs) == (3, 0.3, 2)
+    assert cfg.federation.dp.max_epsilon == current.federation.dp.max_epsilon
+    assert cfg.data.world == current.data.world

@@ -52,7 +52,8 @@ def _model_settings(**kw) -> SegmentationSettings:
 
 def _run_cfg(num_rounds: int = 3, **dp) -> SimpleNamespace:
     dp_settings = DifferentialPrivacySettings(**{"mode": "patient", "noise_multiplier": 1.0, "clipping_norm": 1.0,
-                                                 "delta": 1e-5, **dp})
+                                                 "delta": 1e-5, "target_epsilon": None, "max_grad_norm": 1.0,
+                                                 "max_epsilon": None, **dp})
     return SimpleNamespace(federation=SimpleNamespace(dp=dp_settings, num_rounds=num_rounds), model=_model_settings())
 
 
