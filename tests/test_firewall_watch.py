@@ -109,7 +109,9 @@ def test_watch_command_once(tmp_path, tiny_config, tiny_embedded_dir, photos, ca
     from tests.conftest import TINY_OVERRIDES
 
     folder, _ = photos
-    monkeypatch.setenv("SKINFED_OVERRIDES", f"firewall.backend.model_path={tiny_embedded_dir}")
+    # The hospital's one variable for the firewall service and its ClientApp: the
+    # firewall takes its part and leaves the federation's to the ClientApp.
+    monkeypatch.setenv("SKINFED_OVERRIDES", f"firewall.backend.model_path={tiny_embedded_dir} federation.num_rounds=2")
     firewall_overrides = [o for o in TINY_OVERRIDES if o.startswith("firewall.")]  # the CLI refuses data.*, model.*
     code = cli.main(["watch", "--once", "-q", "--publish", str(tmp_path / "pub"), str(folder), str(tmp_path / "w"),
                      *firewall_overrides])
