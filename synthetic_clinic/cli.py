@@ -79,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="metadata.csv columns whose mix differs between hospitals")
     split.add_argument("--alpha", type=float, default=0.5)
     split.add_argument("--seed", type=int, default=0)
+    settings = [a for a in (sys.argv[1:] if argv is None else argv) if "=" in a and not a.startswith("-")]
+    if settings:
+        # synthetic-clinic has flags only; a Hydra-style setting belongs to another program
+        from common.config import foreign_override_error
+
+        hint = "; for the world use --world" if settings[0].startswith("data.world") else ""
+        parser.error(foreign_override_error(settings[0], f"synthetic-clinic (it takes flags only: see --help){hint}"))
     args = parser.parse_args(argv)
 
     if args.command in ("generate", "sheet") and not 16 <= args.size <= 4096:

@@ -146,3 +146,12 @@ def test_generate_writes_the_world_and_presentation(tmp_path, capsys):
     assert {r["presentation"] for r in read_metadata(tmp_path / "p")} == {"classic"}
     with pytest.raises(SystemExit):
         clinic_cli(["generate", str(tmp_path / "x"), "--n", "2", "--world", "mars"])
+
+
+def test_the_clinic_cli_refuses_other_programs_settings_before_writing(tmp_path, capsys):
+    for setting, words in (("federation.num_rounds=3", "setting of the federation"), ("data.world=public", "--world")):
+        with pytest.raises(SystemExit) as exc:
+            clinic_cli(["generate", str(tmp_path / "c"), "--n", "2", setting])
+        assert exc.value.code == 2
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
