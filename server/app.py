@@ -112,6 +112,8 @@ def main(grid: Grid, context: Context) -> None:
     if line := summary_line(write_run_summary(run.path, run.rounds)):
         say(line)
     run.finish(final, cfg)
+    if line := dice_line(run.rounds):
+        say(line)
     say(f"done: {len(run.rounds) - 1} rounds; results in {run.path}")
     say(f"  metrics: {run.path / 'metrics.json'}  curve: {run.path / 'convergence.png'}")
 
@@ -195,6 +197,17 @@ def round_line(record: dict, total: int) -> str:
             f"(original identities) | client Dice {fmt('client_dice')} | train loss {fmt('train_loss')} | "
             f"hospitals {record.get('clients_trained') or 0} ok, {record.get('clients_failed') or 0} failed"
             f"{epsilon} | {record.get('seconds', 0):.0f} s")
+
+
+def dice_line(rounds: list[dict]) -> str | None:
+    """The global Dice of the final round and of the best round (one run's rounds
+    swing: the final one is what the run hands over, the best one what it reached)."""
+    scored = [(r["round"], r["global_dice"]) for r in rounds if r.get("round", 0) > 0 and r.get("global_dice") is not None]
+    if not scored:
+        return None
+    best_round, best = max(scored, key=lambda rd: rd[1])
+    final_round, final = scored[-1]
+    return f"global Dice: final {final:.3f} (round {final_round}), best {best:.3f} (round {best_round})"
 
 
 def say(text: str) -> None:
