@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -386,3 +387,27 @@ def test_a_hospital_gets_nothing_to_train_on_from_a_refused_real_photo(
     assert prepare_hospital(cfg, hospital) == {"images": 1, "ok": 0, "failed": 1}
     data = load_hospital(cfg, hospital)
     assert data.train == [] and data.validation == [] and (data.accepted, data.refused) == (0, 1)
+
+
+def test_the_watch_service_publishes_nothing_from_a_model_without_its_calibration(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`privacy-firewall watch`, the firewall as a hospital service: a weights
+    folder without its calibration refuses the clinic face too, and the published
+    snapshot has nothing to train on."""
+    monkeypatch.delenv("SKINFED_OVERRIDES", raising=False)
+    folder = model_copy(tmp_path, drop=(OOD_FILE,))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    write_png(photos / "clinic.png", render_subject(HELD_OUT_SEED, 5, 64).pathological)
+    key = tmp_path / "key"
+    key.write_text(KEY_HEX + "\n")
+    code = cli.main(["watch", "--once", "-q", "--publish", str(tmp_path / "published"), str(photos),
+                     str(tmp_path / "work"), f"firewall.backend.model_path={folder}", f"firewall.key_file={key}",
+                     f"firewall.cache_dir={tmp_path / 'cache'}"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == cli.EXIT_FAILED and (last["ok"], last["failed"]) == (0, 1)
+    from privacy_firewall.watch import read_status
+
+    published = read_status(tmp_path / "published")  # the status the hospital's ClientApp reads
+    assert (published.ok, published.failed) == (0, 1)
+    assert not list((tmp_path / "published").rglob("*.png"))  # no surrogate, no mask left the firewall
