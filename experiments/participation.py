@@ -27,7 +27,9 @@ their number of training pairs, as Flower's FedAvg), so the arms differ only in
 the data; ``skinfed-run`` is the same federation through Flower.
 
 Results go to ``--out`` (default ``<paths.runs>/participation``), one JSON per
-arm and seed as it finishes (a killed run resumes where it stopped), then
+arm and seed as it finishes (a killed run resumes where it stopped; the
+hospitals' keys and firewall outputs stay under ``<paths.home>/participation-work``,
+never in the results folder), then
 ``participation.json`` (every field ``{mean, sd, n}``), ``participation.md`` and
 ``participation.png``. Progress goes to stderr; the last stdout line is the
 summary as one JSON object.
@@ -40,6 +42,7 @@ summary as one JSON object.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -430,12 +433,16 @@ def run(cfg, arms: Sequence[str], seeds: Sequence[int], out: Path, public_subjec
     from synthetic_clinic.worlds import HOSPITAL_ONLY_PRESENTATIONS
 
     out.mkdir(parents=True, exist_ok=True)
+    # The hospitals' keys and firewall outputs stay private, outside the results
+    # folder (which is meant to be shared): under paths.home, one folder per results folder.
+    work_root = Path(cfg.paths.home).expanduser() / "participation-work" / hashlib.sha256(
+        str(out.resolve()).encode()).hexdigest()[:12]
     holdout = holdout_subjects(cfg, "hospital")
     public_holdout = holdout_subjects(cfg, "public")
     results: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
     for seed in seeds:
         seed_cfg = replace(cfg, seed=seed)
-        ctx = Context(seed_cfg, seed, out / "work" / f"seed{seed}", holdout, public_holdout, public_subjects,
+        ctx = Context(seed_cfg, seed, work_root / f"seed{seed}", holdout, public_holdout, public_subjects,
                       generator_subjects, central_epochs, progress)
         for arm in arms:
             path = out / f"{arm}-seed{seed}.json"

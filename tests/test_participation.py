@@ -64,6 +64,8 @@ def test_a_tiny_run_writes_every_output_and_resumes(tmp_path, monkeypatch, capsy
     assert 0.0 <= summary["public_only_on_public_world"]["mean"] <= 1.0
     for name in ("participation.json", "participation.md", "participation.png", "public_only-seed1.json"):
         assert (tmp_path / "out" / name).is_file(), name
+    # the results folder is shareable: no keys, no firewall outputs
+    assert {p.suffix for p in (tmp_path / "out").rglob("*") if p.is_file()} <= {".json", ".md", ".png"}
     assert "| public_only |" in (tmp_path / "out" / "participation.md").read_text()
     # a second run finds every arm done and recomputes nothing
     first = (tmp_path / "out" / "central_raw-seed0.json").read_text()
