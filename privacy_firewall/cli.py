@@ -106,7 +106,7 @@ def cmd_evaluate(args) -> int:
     if args.attack_train < 0:
         raise UsageError(f"--attack-train must be at least 0 (got {args.attack_train})")
     result = evaluate(cfg, n=args.n, out=Path(args.out), clinic_seed=args.clinic_seed, panels=args.panels,
-                      attacks=not args.no_attacks, attack_train=args.attack_train)
+                      attacks=not args.no_attacks, attack_train=args.attack_train, world=args.world)
     print(json.dumps(result))
     return EXIT_OK
 
@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clinic-seed", type=int, default=HELD_OUT_CLINIC_SEED,
                    help=f"seed of the held-out clinic (default {HELD_OUT_CLINIC_SEED}: no shipped model is trained on it)")
     p.add_argument("--panels", type=int, default=8, help="PNG panels to save")
+    p.add_argument("--world", choices=("public", "hospital"), default="public",
+                   help="the synthetic world of the held-out subjects (hospital: balanced over its presentations)")
     p.add_argument("--no-attacks", action="store_true", help="skip the re-identification attacks")
     p.add_argument("--attack-train", type=int, default=128,
                    help="subjects of another clinic seed the attacker's matchers are trained on")

@@ -84,18 +84,36 @@ def panel_figure(rows: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
+def _by_presentation(subjects: list, ok: list[int], m_syn: dict, truth: dict, results: list, settings) -> dict:
+    """The mask's quality per presentation (one entry in the public world)."""
+    out = {}
+    for name in sorted({subjects[i].subject.presentation for i in ok}):
+        group = [i for i in ok if subjects[i].subject.presentation == name]
+        out[name] = {"n": len(group), "iou_syn_gt": _mean([iou(m_syn[i], truth[i]) for i in group]),
+                     "iou_syn_map": _mean([iou(m_syn[i], erythema_map(results[i], settings)) for i in group])}
+    return out
+
+
 def evaluate(settings: FirewallSettings, n: int, out: Path, clinic_seed: int = HELD_OUT_CLINIC_SEED, panels: int = 8,
-             progress: bool = True, attacks: bool = True, attack_train: int = 128) -> dict:
-    """Run the firewall on ``n`` held-out subjects and score it; writes
-    ``out/evaluate.json`` and ``out/panels.png``; returns the metrics."""
+             progress: bool = True, attacks: bool = True, attack_train: int = 128, world: str = "public") -> dict:
+    """Run the firewall on ``n`` held-out subjects of ``world`` and score it; writes
+    ``out/evaluate.json`` and ``out/panels.png``; returns the metrics. In the
+    hospital world the subjects are balanced over its presentations and the
+    scores are also given per presentation; the attackers still learn from the
+    public world only."""
     from synthetic_clinic import render_subject
+    from synthetic_clinic.render import PRESENTATIONS
+    from synthetic_clinic.worlds import check_world
 
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
     settings = replace(settings, original_healthy_twin=True)
     firewall = PrivacyFirewall(settings, use_cache=False)  # timings are part of the result
     size = firewall.working_size
-    subjects = [render_subject(clinic_seed, i, size) for i in range(n)]
+    check_world(world)
+    subjects = [render_subject(clinic_seed, i, size, world=world,
+                               presentation=PRESENTATIONS[i % len(PRESENTATIONS)] if world == "hospital" else None)
+                for i in range(n)]
     sex_word = {"female": "woman", "male": "man"}
 
     t0 = time.perf_counter()
@@ -192,6 +210,8 @@ def evaluate(settings: FirewallSettings, n: int, out: Path, clinic_seed: int = H
         "classifier_accuracy": judged.get("classifier_accuracy"),
         "backend": settings.backend.name,
         "clinic_seed": clinic_seed,
+        "world": world,
+        "by_presentation": _by_presentation(subjects, ok, m_syn, truth, results, settings),
         "settings": {**settings.to_dict()["flowedit"], "identity": settings.to_dict()["identity"],
                      "default_threshold": m.default_threshold},
     }

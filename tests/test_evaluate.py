@@ -35,6 +35,19 @@ def test_evaluate_scores_the_map_path_and_writes_panels(tmp_path, tiny_map_embed
     assert (out / "panels.png").read_bytes()[:4] == b"\x89PNG" and (out / "calibration.png").is_file()
 
 
+def test_evaluate_in_the_hospital_world_scores_each_presentation(tmp_path, tiny_map_embedded_dir, capsys, monkeypatch):
+    monkeypatch.setenv("SKINFED_HOME", str(tmp_path / "home"))
+    code = main(["evaluate", "--n", "4", "--panels", "0", "--no-attacks", "--world", "hospital",
+                 "--out", str(tmp_path / "eval"), f"firewall.backend.model_path={tiny_map_embedded_dir}",
+                 *TINY_FIREWALL_OVERRIDES])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["world"] == "hospital"
+    # four subjects, one per presentation
+    assert {k: v["n"] for k, v in result["by_presentation"].items()} == {
+        "annular": 1, "classic": 1, "perioral": 1, "skin_of_colour": 1}
+
+
 def test_evaluate_bad_arguments_exit_2(capsys):
     assert main(["evaluate", "--n", "0"]) == 2
     assert "--n must be at least 1" in capsys.readouterr().err
