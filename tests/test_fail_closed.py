@@ -73,6 +73,9 @@ def not_clinic_photos() -> dict[str, np.ndarray]:
         "grey": np.full((128, 128, 3), 128, np.uint8),
         "white": np.full((128, 128, 3), 255, np.uint8),
         "skin_tone": np.full((96, 128, 3), (220, 170, 140), np.uint8),
+        # Under- and over-exposed real photos: easy to denoise, so the exposure decides.
+        "dark_coffee": (skimage.data.coffee() * 0.2).astype(np.uint8),
+        "washed_out_astronaut": (255 - (255 - skimage.data.astronaut().astype(int)) * 0.1).astype(np.uint8),
     }
 
 
@@ -154,7 +157,7 @@ def test_held_out_clinic_faces_pass_the_check_and_the_shipped_gate(shipped_run: 
 
 def test_the_check_holds_for_more_held_out_faces_and_views() -> None:
     """The out-of-distribution check alone on more held-out faces (both views,
-    with and without erythema) than deidentify could edit in a test."""
+    with and without erythema, both worlds) than deidentify could edit in a test."""
     from privacy_firewall.firewall import PrivacyFirewall
 
     settings = load_firewall_settings(["firewall.key_file=/nonexistent/key", "firewall.cache_dir=/nonexistent"])
@@ -163,6 +166,8 @@ def test_the_check_holds_for_more_held_out_faces_and_views() -> None:
     for i in range(12):
         subject = render_subject(HELD_OUT_SEED, 10 + i, 64, view="periocular" if i % 3 == 0 else None)
         faces += [subject.pathological, subject.healthy]
+    for i in range(12):  # the hospitals' presentations: dusky, annular and perioral erythema
+        faces.append(render_subject(HELD_OUT_SEED, 30 + i, 64, world="hospital").pathological)
     reasons = firewall.backend.out_of_distribution([firewall._prepare(f).pixels for f in faces])
     assert reasons == [None] * len(faces)
 

@@ -53,6 +53,14 @@ OOD_TIMES = (0.2, 0.4, 0.6)
 #: 15.7), while a uniform image has a low denoising error and would pass the
 #: threshold alone.
 MIN_PIXEL_STD = 4.0
+#: Exposure limits on a prepared photo's luminance (mean of R, G, B): its
+#: brightest 2 % must reach DARKEST_BRIGHT_END and its darkest 2 % stay under
+#: BRIGHTEST_DARK_END. Clinic faces lie well inside (over 880 public- and
+#: hospital-world faces at 64 px the least bright end was 89.7, the most dark end
+#: 131), while a real photo darkened or washed out far enough gets a denoising
+#: error under the threshold.
+DARKEST_BRIGHT_END = 70.0
+BRIGHTEST_DARK_END = 180.0
 #: The end of every refusal of a photo the embedded model was not made for.
 USE_ANOTHER_BACKEND = ("the embedded model is made for the synthetic clinic only; de-identify real photos "
                        "with backend=sd3 or backend=flux")
@@ -192,9 +200,15 @@ class EmbeddedBackend(FlowBackend):
         reasons: list[str | None] = []
         for image, error in zip(images, errors):
             spread = float(np.asarray(image).reshape(-1, image.shape[-1]).std(0).max())
+            dark_end, bright_end = np.percentile(np.asarray(image, dtype=np.float64).mean(-1), [2, 98])
             if spread < MIN_PIXEL_STD:
                 reasons.append(f"not a synthetic-clinic face (a flat image: its pixels vary by {spread:.1f} grey "
                                f"levels, under {MIN_PIXEL_STD:g}): {USE_ANOTHER_BACKEND}")
+            elif bright_end < DARKEST_BRIGHT_END or dark_end > BRIGHTEST_DARK_END:
+                reasons.append(f"not a synthetic-clinic face (exposed unlike the clinic: its luminance runs from "
+                               f"{dark_end:.0f} to {bright_end:.0f} of 255, a clinic face's brightest end reaches "
+                               f"{DARKEST_BRIGHT_END:g} and its darkest stays under {BRIGHTEST_DARK_END:g}): "
+                               f"{USE_ANOTHER_BACKEND}")
             elif not error <= self.ood_threshold:  # NaN is refused too
                 reasons.append(f"not a synthetic-clinic face (the embedded model's denoising error {error:.3f} is "
                                f"above its {self.ood_threshold:.3f} limit): {USE_ANOTHER_BACKEND}")
