@@ -194,7 +194,9 @@ def _deidentified_hospitals(ctx: Context) -> list:
 
 
 def _raw_hospitals(ctx: Context) -> list[tuple[list[np.ndarray], list[np.ndarray]]]:
-    """Each hospital's raw photos with the clinic's ground truth (no privacy)."""
+    """Each hospital's raw photos with the clinic's ground truth (no privacy), less
+    the same share the ClientApp keeps for validation (``data.val_fraction``), so
+    the raw arms train on as many pairs as the firewall's."""
     from skinfed.data import clinic_dir
     from synthetic_clinic.clinic import read_mask, read_rgb
 
@@ -202,9 +204,16 @@ def _raw_hospitals(ctx: Context) -> list[tuple[list[np.ndarray], list[np.ndarray
     out = []
     for folder in _hospitals(ctx):
         stems = sorted(p.stem for p in (folder / "images").glob("*.png"))
+        kept = [s for s in stems if not _held_for_validation(s, ctx)]
+        stems = kept or stems  # a tiny hospital trains on everything rather than nothing
         out.append(([read_rgb(clinic / "images" / f"{s}.png") for s in stems],
                     [read_mask(clinic / "masks" / f"{s}.png") for s in stems]))
     return out
+
+
+def _held_for_validation(stem: str, ctx: Context) -> bool:
+    h = int(hashlib.sha256(f"{ctx.seed}:{stem}".encode()).hexdigest()[:8], 16)
+    return h / 0xFFFFFFFF < ctx.cfg.data.val_fraction
 
 
 def fedavg(ctx: Context, local_train: Callable[[object, int, int], int], hospitals: int) -> tuple[object, list[float]]:
