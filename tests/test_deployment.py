@@ -438,10 +438,16 @@ def test_deployment_docs_match_the_files():
         assert name in text
     # "What leaves a hospital" lists exactly the ClientApp's metrics.
     section = text.split("## What leaves a hospital", 1)[1].split("\n## ", 1)[0]
-    listed = set(re.findall(r"`([\w-]+)`", section.split("\n\n", 2)[1]))
+    paragraphs = section.split("\n\n")
+    listed = set(re.findall(r"`([\w-]+)`", paragraphs[1]))
     assert listed == _client_metric_keys() == {"train_loss", "num-examples", "firewall_accepted",
                                                "firewall_refused", "dice", "iou", "loss",
                                                "ready", "done", "total", "accepted", "refused"}
+    # and, with patient-level DP, exactly the accounting a training reply adds
+    from skinfed.patient_privacy import accounting_metrics
+
+    with_dp = set(re.findall(r"`([\w-]+)`", paragraphs[2])) - {"train_loss"}
+    assert with_dp == set(accounting_metrics([(1.0, 0.1, 10)], 1e-5, 1.0))
     # Every flag the docs show exists: in this flwr's programs, in make_certificates, or
     # these few of the flwr CLI (`flwr run`, `flwr supernode`) and `docker compose up`.
     parsers = [*(build() for build in _flwr_parsers().values()), make_certificates.build_parser()]
@@ -717,7 +723,8 @@ def test_compose_deployment_runs_one_round_on_loopback(tmp_path, tiny_embedded_d
             assert not list((volumes / f"hospital-{h}-deidentified").rglob("manifest.local.csv"))
             assert (volumes / f"hospital-{h}-firewall" / "output" / "manifest.local.csv").is_file()
         # Only the documented metrics came back, and nothing local reached the researcher's screen.
-        assert _aggregated(stream, "train") == {"train_loss", "firewall_accepted", "firewall_refused"}
+        # (counts are summed over the hospitals, the number of examples with them)
+        assert _aggregated(stream, "train") == {"train_loss", "firewall_accepted", "firewall_refused", "num-examples"}
         assert _aggregated(stream, "evaluate") == {"dice", "iou", "loss"}
         for folder in hospitals:
             assert str(folder) not in stream
