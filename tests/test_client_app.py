@@ -97,3 +97,30 @@ def test_replies_carry_numbers_only():
     record = TrainReply(train_loss=torch.tensor(0.5).item(), num_examples=3, firewall_accepted=4,
                         firewall_refused=1).to_record()
     assert all(isinstance(v, (int, float)) for v in record.values())
+
+
+def test_real_photos_are_refused_through_the_clientapps_query_and_train(tmp_path, monkeypatch):
+    """The shipped embedded model and gate, through the handlers Flower calls: a
+    hospital folder of real photos prepares nothing, and its train reply is an
+    error that carries no model and no photo's name."""
+    import matplotlib.cbook
+    from PIL import Image
+    from skimage import data as skimage_data
+
+    monkeypatch.setenv("SKINFED_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SKINFED_OVERRIDES", raising=False)
+    client_app._RUN_CONFIGS.clear()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        (photos / "grace_hopper.jpg").write_bytes(f.read())
+    Image.fromarray(skimage_data.astronaut()).save(photos / "astronaut.png")
+    context = Context(run_id=11, node_id=1, node_config={"data-path": str(photos), "work-path": str(tmp_path / "node")},
+                      state=RecordDict(), run_config={})
+    query = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=1, message_type="query")
+    answer = PrepareReply.from_record(client_app.prepare(query, context).content["metrics"])
+    assert answer == PrepareReply(ready=1, done=2, total=2, accepted=0, refused=2)
+    cfg = client_app.run_config(context)
+    with pytest.raises(client_app.NoUsableImages, match="2 refused by the firewall") as refused:
+        client_app.train(_train_message(cfg, {"server-round": 1, "local-epochs": 1}), context)
+    assert "grace_hopper" not in str(refused.value) and "astronaut" not in str(refused.value)
