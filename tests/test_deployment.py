@@ -725,7 +725,7 @@ def test_compose_deployment_runs_one_round_on_loopback(tmp_path, tiny_embedded_d
         # Only the documented metrics came back, and nothing local reached the researcher's screen.
         # (counts are summed over the hospitals, the number of examples with them)
         assert _aggregated(stream, "train") == {"train_loss", "firewall_accepted", "firewall_refused", "num-examples"}
-        assert _aggregated(stream, "evaluate") == {"dice", "iou", "loss"}
+        assert _aggregated(stream, "evaluate") == {"dice", "iou", "loss", "num-examples"}
         for folder in hospitals:
             assert str(folder) not in stream
             assert not any(p.stem in stream for p in (folder / "images").iterdir())
