@@ -247,7 +247,7 @@ def test_a_resumed_federation_continues_each_hospitals_epsilon(tiny_config, monk
     assert dp_check.main([str(run_dir)]) == 0
     assert "subject_" not in json.dumps(rounds) and "patient-level DP: epsilon" in capsys.readouterr().out
     # The membership audit of the same global model (shadows on public renders, the run's DP-SGD).
-    from skinfed.audit import membership_run
+    from experiments import membership_run
 
     assert membership_run.main([str(run_dir), "--shadows", "2", "--shadow-epochs", "1"]) == 0
     audit = json.loads((run_dir / "membership.json").read_text())

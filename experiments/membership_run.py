@@ -1,6 +1,6 @@
 """Membership inference on a finished simulation's global model.
 
-    python -m skinfed.audit.membership_run RUN_DIR [--shadows 4] [--shadow-epochs N] [--device cpu]
+    python -m experiments.membership_run RUN_DIR [--shadows 4] [--shadow-epochs N] [--device cpu]
 
 Members are the hospitals' de-identified training pairs (what the global model
 was trained on); non-members are the hospitals' validation pairs (the same
@@ -128,7 +128,7 @@ def _run_noise(run_dir: Path) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m skinfed.audit.membership_run", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments.membership_run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
     parser.add_argument("--shadows", type=int, default=4, help="shadow models (2 or more; LiRA)")
