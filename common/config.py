@@ -50,7 +50,7 @@ SETTING_OWNERS: dict[str, str] = {
     "data": "the federation's data (skinfed-run / flwr run)",
     "federation": "the federation (skinfed-run / flwr run)",
     "seed": "the federation (skinfed-run / flwr run)",
-    "sweep": "the sweeps (python -m skinfed.sweep)",
+    "sweep": "the sweeps (python -m experiments.sweep)",
 }
 SHARED_PARTS = ("paths", "hydra")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skinfed.audit.membership import membership_audit, train_shadow_models
+from audit.updates.membership import membership_audit, train_shadow_models
 
 #: The public world's clinic seed for the shadows (no hospital, held-out or sweep seed).
 PUBLIC_SHADOW_SEED = 90_210

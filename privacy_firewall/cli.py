@@ -3,9 +3,13 @@
     privacy-firewall deidentify INPUT_DIR OUTPUT_DIR [key=value ...]
     privacy-firewall calibrate OUTPUT_DIR [key=value ...]
     privacy-firewall report OUTPUT_DIR
+    privacy-firewall watch PHOTOS_DIR WORK_DIR [--publish DIR] [--interval 30] [--once] [key=value ...]
+
+and, where the audit package is installed (it is in this project), the
+measurements (audit/cli.py):
+
     privacy-firewall evaluate --n 64 [--out DIR] [key=value ...]
     privacy-firewall benchmark [--random-weights --architecture sd3-medium] [key=value ...]
-    privacy-firewall watch PHOTOS_DIR WORK_DIR [--publish DIR] [--interval 30] [--once] [key=value ...]
 
 ``key=value`` are Hydra overrides of the firewall's part of conf/, e.g.
 ``backend=sd3 firewall.backend.model_path=/models/sd3
@@ -25,12 +29,10 @@ import logging
 import sys
 from pathlib import Path
 
-from common.seeds import HELD_OUT_CLINIC_SEED
-
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _config(overrides: list[str]):
+def config(overrides: list[str]):
     """The firewall's settings: conf/ composed with ``overrides`` (the firewall
     reads its own part only)."""
     from privacy_firewall.settings import load_firewall_settings
@@ -38,19 +40,25 @@ def _config(overrides: list[str]):
     return load_firewall_settings(overrides)
 
 
-def _threads() -> None:
+def threads() -> None:
+    """torch's threads: $SKINFED_THREADS, else the cores this process may run on
+    (its affinity, not the machine's count: more threads than cores only spin)."""
     import os
 
     import torch
 
-    torch.set_num_threads(max(1, int(os.environ.get("SKINFED_THREADS", os.cpu_count() or 1))))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, int(os.environ.get("SKINFED_THREADS", cores))))
 
 
 def cmd_deidentify(args) -> int:
     from privacy_firewall.deidentify import deidentify_folder, summary_line
 
-    cfg = _config(args.overrides)
-    _threads()
+    cfg = config(args.overrides)
+    threads()
     report = deidentify_folder(args.input_dir, args.output_dir, cfg, progress=not args.quiet)
     print(summary_line(report))
     print(f"outputs in {args.output_dir} (manifest.local.csv links ids to files: never share it)", file=sys.stderr)
@@ -64,8 +72,8 @@ def cmd_calibrate(args) -> int:
     marker = out / ".local" / "input_dir"
     if not marker.is_file():
         raise UsageError(f"{out} is not the output of `privacy-firewall deidentify` (no .local/input_dir)")
-    cfg = _config(["firewall.mask.threshold=auto", *args.overrides])
-    _threads()
+    cfg = config(["firewall.mask.threshold=auto", *args.overrides])
+    threads()
     # Everything comes from the firewall cache: only thresholds and masks are redone.
     report = deidentify_folder(marker.read_text().strip(), out, cfg, progress=not args.quiet)
     print(summary_line(report))
@@ -95,33 +103,6 @@ def cmd_report(args) -> int:
     return EXIT_OK if report.failed == 0 else EXIT_FAILED
 
 
-def cmd_evaluate(args) -> int:
-    from privacy_firewall.deidentify import UsageError
-    from privacy_firewall.evaluate import evaluate
-
-    if args.n < 1 or args.panels < 0:
-        raise UsageError(f"--n must be at least 1 and --panels at least 0 (got --n {args.n}, --panels {args.panels})")
-    cfg = _config(args.overrides)
-    _threads()
-    if args.attack_train < 0:
-        raise UsageError(f"--attack-train must be at least 0 (got {args.attack_train})")
-    result = evaluate(cfg, n=args.n, out=Path(args.out), clinic_seed=args.clinic_seed, panels=args.panels,
-                      attacks=not args.no_attacks, attack_train=args.attack_train, world=args.world)
-    print(json.dumps(result))
-    return EXIT_OK
-
-
-def cmd_benchmark(args) -> int:
-    from privacy_firewall.benchmark import benchmark
-
-    cfg = _config(args.overrides)
-    _threads()
-    result = benchmark(cfg, random_weights=args.random_weights, architecture=args.architecture, height=args.height,
-                       width=args.width, images=args.images, repeats=args.repeats, overrides=list(args.overrides))
-    print(json.dumps(result))
-    return EXIT_OK
-
-
 def cmd_watch(args) -> int:
     """The firewall as a service (privacy_firewall/watch.py); overrides also come
     from $SKINFED_OVERRIDES, as in the containers."""
@@ -138,8 +119,8 @@ def cmd_watch(args) -> int:
     # its ClientApp (docker-compose.yml): the firewall takes its own part of it and
     # leaves the rest (federation.*, model.*) to the ClientApp.
     shared, _ = split_overrides(parse_overrides(os.environ.get("SKINFED_OVERRIDES", "")), OWN_PARTS)
-    cfg = _config(shared + list(args.overrides))
-    _threads()
+    cfg = config(shared + list(args.overrides))
+    threads()
     status = watch(args.photos_dir, args.work_dir, cfg, published_dir=args.publish, interval=args.interval,
                    once=args.once, progress=not args.quiet)
     print(json.dumps({k: getattr(status, k) for k in ("state", "done", "total", "ok", "failed", "snapshot")}))
@@ -173,30 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir")
     p.set_defaults(func=cmd_report, overrides=[])
 
-    p = sub.add_parser("evaluate", help="score the firewall on held-out synthetic subjects")
-    p.add_argument("--n", type=int, default=64, help="held-out subjects")
-    p.add_argument("--out", default="runs/evaluate")
-    p.add_argument("--clinic-seed", type=int, default=HELD_OUT_CLINIC_SEED,
-                   help=f"seed of the held-out clinic (default {HELD_OUT_CLINIC_SEED}: no shipped model is trained on it)")
-    p.add_argument("--panels", type=int, default=8, help="PNG panels to save")
-    p.add_argument("--world", choices=("public", "hospital"), default="public",
-                   help="the synthetic world of the held-out subjects (hospital: balanced over its presentations)")
-    p.add_argument("--no-attacks", action="store_true", help="skip the re-identification attacks")
-    p.add_argument("--attack-train", type=int, default=128,
-                   help="subjects of another clinic seed the attacker's matchers are trained on")
-    p.add_argument("overrides", nargs="*")
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("benchmark", help="NFE and speed of the firewall; last stdout line is JSON")
-    p.add_argument("--random-weights", action="store_true", help="build a random-weight model (no weights needed)")
-    p.add_argument("--architecture", choices=("tiny-sd3", "tiny-flux", "sd3-medium", "flux-dev"), default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--images", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("overrides", nargs="*")
-    p.set_defaults(func=cmd_benchmark)
-
     p = sub.add_parser("watch", help="the firewall as a service: de-identify a photo folder and keep it up to date")
     p.add_argument("photos_dir", help="the hospital's photos (read only)")
     p.add_argument("work_dir", help="the firewall's own folder: full output, state (never shared)")
@@ -207,7 +164,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_watch)
+
+    for command in extension_commands():
+        command.load()(sub)
     return parser
+
+
+#: Entry-point group of extra subcommands (``evaluate`` and ``benchmark`` come
+#: from the audit package, which the firewall itself never imports: a hospital's
+#: installation can leave it out). Each entry point is a function that adds its
+#: subparser with ``set_defaults(func=...)``.
+COMMANDS_GROUP = "privacy_firewall.commands"
+
+
+def extension_commands() -> list:
+    """The installed extension commands, by name."""
+    from importlib.metadata import entry_points
+
+    return sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     segmenters = []
     if args.grounding_dino:
-        from privacy_firewall.baselines.grounded_sam import GroundedSam, GroundedSamSettings
+        from audit.baselines.grounded_sam import GroundedSam, GroundedSamSettings
 
         settings = GroundedSamSettings(device="cuda" if torch.cuda.is_available() else "cpu")
         if args.prompt:

@@ -8,7 +8,7 @@ each way, with the shipped settings and a seed per patient, and attacks the resu
 with the audit's two mask attackers over galleries of ``--gallery`` patients:
 
 * IoU nearest neighbour (outline and place);
-* size and number of patches (``skinfed.audit.linkage.mask_size_and_count_matrix``).
+* size and number of patches (``audit.updates.linkage.mask_size_and_count_matrix``).
 
 It measures the map alone, in seconds: ``skinfed-audit`` measures what the update
 trained on the surrogate's mask gives away.
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from audit.updates.linkage import link_rates, mask_iou_matrix, mask_size_and_count_matrix
 from common.io import atomic_write_json
 from privacy_firewall.masks import lay_out_erythema_map
 from privacy_firewall.settings import ConfigError, IdentitySettings, load_firewall_settings
-from skinfed.audit.linkage import link_rates, mask_iou_matrix, mask_size_and_count_matrix
 from synthetic_clinic import render_subject
 
 LAYOUTS = ("kept", "reshaped", "redrawn")

@@ -13,7 +13,7 @@ then refuses, the photo's mask no longer lies on the surrogate); ``colour_rule``
 single-image a* rule on each surrogate),
 everything else equal: the same hospitals, the same surrogates (the firewall
 cache is shared, so each photo is edited once), the same seed. Each run goes
-through the sweep's job runner (``skinfed.sweep.run_job``: `flwr run` with the
+through the sweep's job runner (``experiments.sweep.run_job``: `flwr run` with the
 matching SuperNodes), into ``--out/jobs/<label source>/``; a job that already
 finished there with the same overrides is read back, so a failed or killed
 comparison is resumed by running the same command again.
@@ -131,7 +131,7 @@ def run_one(label_source: str, job_dir: Path, overrides: list[str], rerun: bool 
     """One federated run with ``data.label_source`` set (the sweep's job runner);
     returns its Dice/IoU curve and status. A job that already finished with the
     same overrides is read back instead of run again (unless ``rerun``)."""
-    from skinfed.sweep import run_job
+    from experiments.sweep import run_job
 
     job_overrides = [*overrides, f"data.label_source={label_source}"]
     previous = job_dir / "result.json"

@@ -15,8 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from audit.updates.linkage import wilson_interval
 from common.io import atomic_write_json
-from skinfed.audit.linkage import wilson_interval
 
 
 def pool(reports: list[dict]) -> dict:

@@ -4,7 +4,7 @@ The synthetic clinic renders every subject a second time with the other sex's
 features (jaw, hair length, beard, brows) and everything else kept, erythema
 included. A firewall that did exactly that would be a perfect sex swap, which is
 not de-identification. This script runs every attacker of
-``privacy_firewall.reidentification`` on it, with no firewall involved:
+``audit.reidentification`` on it, with no firewall involved:
 
 * queries: the opposite-sex renders of ``--n`` subjects of each held-out seed;
   gallery: the same subjects' original (pathological) photos;
@@ -31,16 +31,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.io import atomic_write_json
-from common.seeds import HELD_OUT_CLINIC_SEED
-from models.identity_matcher import TrainSettings
-from privacy_firewall.reidentification import (
+from audit.reidentification import (
     LearnedMatcherAttack,
     embedding_attack,
     mask_iou_attack,
     pixel_attack,
     reid_gallery_figure,
 )
+from common.io import atomic_write_json
+from common.seeds import HELD_OUT_CLINIC_SEED
+from models.identity_matcher import TrainSettings
 from synthetic_clinic import render_subject
 
 TRAIN_CLINIC_SEED = 12345

@@ -1,4 +1,4 @@
-"""The privacy audit's attacks (skinfed/audit): linkage finds a planted patient and
+"""The privacy audit's attacks (audit/updates): linkage finds a planted patient and
 a blind attacker scores chance; inversion recovers an image a tiny model leaks
 exactly; the verdict is inconclusive whenever the positive control fails; the
 whole audit runs end to end on a tiny model and writes its report."""
@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from skinfed.audit import dp_view
-from skinfed.audit.experiment import AuditData, AuditModels, AuditSettings, run_audit
-from skinfed.audit.inversion import (
+from audit.updates import dp_view
+from audit.updates.capture import fedavg_update, fedsgd_gradient, to_tensors, update_norm, used_parameters
+from audit.updates.experiment import AuditData, AuditModels, AuditSettings, run_audit
+from audit.updates.inversion import (
     INCONCLUSIVE,
     NOT_RECOVERED,
     RECOVERED,
@@ -25,8 +26,7 @@ from skinfed.audit.inversion import (
     ssim,
     verdict,
 )
-from skinfed.audit.linkage import layer_signature, layerwise_cosine, link_rates, similarity_matrix
-from skinfed.audit.updates import fedavg_update, fedsgd_gradient, to_tensors, update_norm, used_parameters
+from audit.updates.linkage import layer_signature, layerwise_cosine, link_rates, similarity_matrix
 
 SIZE = 8
 
@@ -111,7 +111,7 @@ def test_a_blind_attacker_scores_chance():
     # the interval holds the rate and narrows with more trials
     low, high = link_rates(same_ranking, members).top1_ci95
     assert low < 1 / n < high
-    from skinfed.audit.linkage import wilson_interval
+    from audit.updates.linkage import wilson_interval
 
     assert np.subtract(*wilson_interval(0.1, 400)[::-1]) < np.subtract(*wilson_interval(0.1, 16)[::-1])
 
@@ -126,8 +126,8 @@ def test_batches_count_only_non_members_as_rivals():
 
 
 def test_mask_attacks_find_a_kept_outline_and_a_kept_size():
+    from audit.updates.linkage import mask_iou_matrix, mask_size_and_count_matrix
     from privacy_firewall.masks import reshape_erythema_map
-    from skinfed.audit.linkage import mask_iou_matrix, mask_size_and_count_matrix
     from synthetic_clinic import render_subject
 
     masks = [m for m in (render_subject(4, i, 64).mask for i in range(24)) if m.any()]
@@ -249,7 +249,7 @@ def test_the_audit_finds_a_firewall_that_passes_the_photos_through(tmp_path):
     assert 0 < eps_1 < eps_5 < float("inf")
     assert epsilon(2.0, settings.delta, 5) < eps_5
 
-    from skinfed.audit.report import write_report
+    from audit.updates.report import write_report
 
     paths = write_report(tmp_path, result.report, result.images, data.originals, data.surrogates)
     assert json.loads(open(paths["report"]).read())["summary"] == json.loads(json.dumps(summary))
@@ -277,7 +277,7 @@ def test_the_controls_say_what_carries_the_link():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_the_audit_says_when_the_device_it_is_asked_for_is_not_there(capsys):
-    from skinfed.audit.cli import main
+    from audit.updates.cli import main
 
     with pytest.raises(SystemExit) as stop:
         main(["--device", "cuda", "--iterations", "10000"])
@@ -337,8 +337,8 @@ def test_prepare_inputs_trains_on_accepted_surrogates_only(tiny_config, monkeypa
     firewall's surrogates of the photos it accepted; a photo the gate refuses
     stays in the gallery as someone else and is never trained on."""
     import privacy_firewall.firewall as firewall_module
+    from audit.updates.cli import prepare_inputs
     from privacy_firewall.firewall import PhotoRequest, PrivacyFirewall
-    from skinfed.audit.cli import prepare_inputs
     from synthetic_clinic import render_subject
 
     cfg, overrides = tiny_config
@@ -369,7 +369,7 @@ def test_prepare_inputs_trains_on_accepted_surrogates_only(tiny_config, monkeypa
 
 def test_prepare_inputs_names_why_too_few_photos_were_accepted(tiny_config, monkeypatch):
     import privacy_firewall.firewall as firewall_module
-    from skinfed.audit.cli import prepare_inputs
+    from audit.updates.cli import prepare_inputs
     from synthetic_clinic import render_subject
 
     cfg, overrides = tiny_config

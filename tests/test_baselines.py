@@ -155,7 +155,7 @@ def _fake_sam(pixel_values, input_boxes, multimask_output):
 
 
 def _fake_grounded_sam(boxes, scores, **settings):
-    from privacy_firewall.baselines.grounded_sam import GroundedSam, GroundedSamSettings
+    from audit.baselines.grounded_sam import GroundedSam, GroundedSamSettings
 
     return GroundedSam(_Module(lambda **kw: None), _FakeDetectorProcessor(boxes, scores),
                        _Module(_fake_sam), _FakeSamProcessor(), GroundedSamSettings(**settings))
@@ -188,8 +188,8 @@ def test_grounded_sam_glue_returns_an_empty_mask_without_boxes_and_keeps_the_bes
 
 
 def test_missing_grounded_sam_weights_say_how_to_get_them(tmp_path):
+    from audit.baselines.grounded_sam import GroundedSam
     from privacy_firewall.backends.loading import ModelNotFoundError
-    from privacy_firewall.baselines.grounded_sam import GroundedSam
 
     with pytest.raises(ModelNotFoundError, match="never downloaded"):
         GroundedSam.from_pretrained(tmp_path / "nothing", tmp_path / "nothing-either")
@@ -216,7 +216,7 @@ def no_network() -> Any:
 @pytest.mark.slow
 def test_tiny_grounded_sam_runs_saves_and_loads_offline(tmp_path, no_network):
     """Real transformers classes with random weights (about 20 s, mostly imports)."""
-    from privacy_firewall.baselines.grounded_sam import GroundedSam, GroundedSamSettings, build_tiny_grounded_sam
+    from audit.baselines.grounded_sam import GroundedSam, GroundedSamSettings, build_tiny_grounded_sam
 
     settings = GroundedSamSettings(box_threshold=0.0, text_threshold=0.0, max_box_fraction=1.0)
     model = build_tiny_grounded_sam(seed=0, settings=settings)

@@ -27,7 +27,7 @@ def test_overrides_are_split_by_their_top_level_part():
     ("federation.client_resources.num_cpus=-3", "federation.client_resources.num_cpus is a setting of the federation"),
     ("model.encoder=resnet34", "model.encoder is a setting of the segmentation model (skinfed-run / flwr run)"),
     ("data.num_subjects=4", "data.num_subjects is a setting of the federation's data"),
-    ("sweep.eval_subjects=0", "sweep.eval_subjects is a setting of the sweeps (python -m skinfed.sweep)"),
+    ("sweep.eval_subjects=0", "sweep.eval_subjects is a setting of the sweeps (python -m experiments.sweep)"),
     ("nonsense.key=1", "nonsense.key is a setting of another program"),
 ])
 def test_the_error_names_the_owner(item, line):
@@ -60,11 +60,11 @@ def test_the_firewall_library_refuses_them_too():
 
 
 def test_skinfed_run_and_audit_refuse_the_sweeps_settings(capsys):
-    from skinfed.audit.cli import main as audit
+    from audit.updates.cli import main as audit
     from skinfed.launch import main as run
 
     assert run(["federation.num_rounds=1", "sweep.eval_subjects=0"]) == 2
-    assert "sweep.eval_subjects is a setting of the sweeps (python -m skinfed.sweep), not of skinfed-run" in \
+    assert "sweep.eval_subjects is a setting of the sweeps (python -m experiments.sweep), not of skinfed-run" in \
         capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         audit(["sweep.eval_subjects=0"])

@@ -85,7 +85,7 @@ def test_a_redrawn_map_is_the_seeds_in_number_size_and_place():
 def size_and_count_auc(queries: list[np.ndarray], gallery: list[np.ndarray]) -> float:
     """The audit's attacker on the erythema's size and number of patches: how often
     the patient outscores someone else (0.5 = chance)."""
-    from skinfed.audit.linkage import link_rates, mask_size_and_count_matrix
+    from audit.updates.linkage import link_rates, mask_size_and_count_matrix
 
     return link_rates(mask_size_and_count_matrix(queries, gallery), [[i] for i in range(len(queries))]).auc
 

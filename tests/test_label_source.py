@@ -111,7 +111,7 @@ def test_reference_labels_without_reference_masks_name_the_fix(tiny_config):
 def test_a_finished_job_is_read_back_and_a_failed_one_is_run_again(tmp_path, monkeypatch):
     import json
 
-    import skinfed.sweep
+    import experiments.sweep
     from scripts.label_source import run_one
 
     calls = []
@@ -127,7 +127,7 @@ def test_a_finished_job_is_read_back_and_a_failed_one_is_run_again(tmp_path, mon
         (job_dir / "result.json").write_text(json.dumps(result))
         return result
 
-    monkeypatch.setattr(skinfed.sweep, "run_job", fake_run_job)
+    monkeypatch.setattr(experiments.sweep, "run_job", fake_run_job)
     job = tmp_path / "jobs" / "differential"
     job.mkdir(parents=True)
     (job / "result.json").write_text(json.dumps({"status": "failed", "overrides": {}}))

@@ -14,9 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_privacy_firewall_imports_no_flower():
     code = (
         "import sys\n"
-        "import privacy_firewall.cli, privacy_firewall.deidentify, privacy_firewall.evaluate, "
-        "privacy_firewall.benchmark, privacy_firewall.training_data, privacy_firewall.watch, models.segmentation\n"
+        "import privacy_firewall.cli, privacy_firewall.deidentify, "
+        "privacy_firewall.training_data, privacy_firewall.watch, models.segmentation\n"
         "from privacy_firewall.backends import load_backend\n"
+        "assert not [m for m in sys.modules if m == 'audit' or m.startswith('audit.')], 'the firewall imported audit'\n"
+        "import audit.cli, audit.evaluate, audit.benchmark\n"
+        "privacy_firewall.cli.build_parser()\n"
         "print(sorted(m for m in sys.modules if m == 'flwr' or m.startswith(('flwr.', 'skinfed', 'client', 'server'))))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -25,9 +28,10 @@ def test_privacy_firewall_imports_no_flower():
 
 
 #: What each package must not import: the layers run common -> models and
-#: synthetic_clinic -> privacy_firewall -> skinfed -> client / server -> experiments,
-#: and no arrow runs back up. Nothing in the product imports the tests or the scripts.
-_ABOVE_THE_APPS = ("experiments",)
+#: synthetic_clinic -> privacy_firewall -> skinfed -> client / server -> audit ->
+#: experiments, and no arrow runs back up. The product (everything below audit)
+#: never imports the attacker's side; nothing imports the tests or the scripts.
+_ABOVE_THE_APPS = ("audit", "experiments")
 FORBIDDEN_IMPORTS = {
     "common": ("models", "synthetic_clinic", "privacy_firewall", "skinfed", "client", "server", "flwr",
                *_ABOVE_THE_APPS),
@@ -37,6 +41,7 @@ FORBIDDEN_IMPORTS = {
     "skinfed": ("client", "server", *_ABOVE_THE_APPS),
     "client": ("server", *_ABOVE_THE_APPS),
     "server": ("client", *_ABOVE_THE_APPS),
+    "audit": ("experiments",),
 }
 
 

@@ -1,4 +1,4 @@
-"""Membership inference on the global model (skinfed/audit/membership.py): the
+"""Membership inference on the global model (audit/updates/membership.py): the
 attacks find the members of an overfit model, and see nothing when "members" and
 "non-members" are drawn alike and neither was trained on."""
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from audit.updates import membership
 from models import segmentation
-from skinfed.audit import membership
 from synthetic_clinic import render_subject
 
 SIZE, MEMBERS, CANDIDATES = 32, 8, 24

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from privacy_firewall.reidentification import (
+from audit.reidentification import (
     AttackResult,
     LearnedMatcherAttack,
     attribute_retention,

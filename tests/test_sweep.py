@@ -8,8 +8,8 @@ import shlex
 
 import pytest
 
+from experiments import sweep, sweep_summary
 from skinfed import launch as run_federated
-from skinfed import sweep, sweep_summary
 
 
 def test_overrides_map_to_flwr_run(tmp_path):

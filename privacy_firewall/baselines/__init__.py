@@ -6,10 +6,7 @@ and returns a boolean erythema mask of the photo's size:
 * :class:`~privacy_firewall.baselines.colour_rule.ColourRule`: the zero-shot rule a
   clinician would try first, CIELAB a* above a threshold, optionally inside a
   skin mask from colour ranges; its threshold calibrated like theta*.
-* :class:`~privacy_firewall.baselines.grounded_sam.GroundedSam`: a text-prompted
-  detector (Grounding DINO) whose boxes prompt SAM, through ``transformers``,
-  from local weights only. Never a default: a hospital that has the weights
-  points the benchmark at them.
+* the attacker's side adds others for comparison (:mod:`audit.baselines`).
 
 Nothing here is used to build training labels unless a run asks for it
 (``data.label_source``); the firewall's differential mask stays the default.

@@ -1,7 +1,7 @@
 """Hydra multirun sweeps over federated runs.
 
-    python -m skinfed.sweep -m firewall.flowedit.target_guidance=3,5,8 federation.num_hospitals=2,4
-    python -m skinfed.sweep -m federation.dirichlet_alpha=0.1,1,100 hydra.sweep.dir=multirun/skew
+    python -m experiments.sweep -m firewall.flowedit.target_guidance=3,5,8 federation.num_hospitals=2,4
+    python -m experiments.sweep -m federation.dirichlet_alpha=0.1,1,100 hydra.sweep.dir=multirun/skew
 
 Every job composes the same ``conf/`` as `flwr run`, launches one federated
 simulation through `flwr run` (skinfed-run, skinfed/launch.py, so the SuperNodes match
@@ -10,7 +10,7 @@ and scores the firewall settings on ``sweep.eval_subjects`` held-out synthetic
 subjects (mask IoU, identity flip rate). Jobs share the firewall cache, so jobs
 that differ only in federation settings edit each image once, and equal firewall
 settings are scored once. A failed job writes its error to ``result.json`` and
-the sweep goes on. At the end the summary (skinfed/sweep_summary.py) is written
+the sweep goes on. At the end the summary (experiments/sweep_summary.py) is written
 into the sweep folder.
 
 Per job: ``<sweep dir>/<job>/result.json``, ``federated.log``, ``runs/<run>/``,
@@ -43,7 +43,7 @@ def _parse(override: str) -> tuple[str, str]:
 
 def firewall_scores(cfg, job_dir: Path) -> dict:
     """The firewall's evaluation for this job's settings, computed once per settings."""
-    from privacy_firewall.evaluate import evaluate
+    from audit.evaluate import evaluate
 
     if cfg.sweep.eval_subjects == 0:
         return {}
@@ -110,7 +110,7 @@ def main(_cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     main()
-    from skinfed.sweep_summary import summarise
+    from experiments.sweep_summary import summarise
 
     for sweep_dir in SWEEP_DIRS:
         summarise(sweep_dir, sweep_dir)

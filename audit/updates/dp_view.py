@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_stdv, get_norm
 
-from skinfed.audit.updates import Update
+from audit.updates.capture import Update
 
 
 def clipped(update: Update, clipping_norm: float) -> Update:

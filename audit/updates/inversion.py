@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from skinfed.audit.updates import Update, fedsgd_gradient
+from audit.updates.capture import Update, fedsgd_gradient
 
 RECOVERED, NOT_RECOVERED, INCONCLUSIVE = "recovered", "not recovered", "inconclusive"
 

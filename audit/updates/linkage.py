@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from skinfed.audit.updates import Update
+from audit.updates.capture import Update
 
 
 def layer_signature(update: Update, names: Sequence[str] | None = None) -> torch.Tensor:

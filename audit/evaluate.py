@@ -266,7 +266,7 @@ def attack_report(firewall: PrivacyFirewall, subjects: list, results: list, ok: 
     """
     import secrets
 
-    from privacy_firewall.reidentification import (
+    from audit.reidentification import (
         LearnedMatcherAttack,
         attribute_retention,
         mask_iou_attack,

@@ -1,6 +1,6 @@
 """Collect a sweep into one table and plots.
 
-    python -m skinfed.sweep_summary multirun/2026-11-26/13-00-00 [--out docs/sweep_firewall_strength]
+    python -m experiments.sweep_summary multirun/2026-11-26/13-00-00 [--out docs/sweep_firewall_strength]
 
 Reads every ``<job>/result.json``, finds the swept parameters (overrides whose
 values differ between jobs), and writes ``sweep_summary.csv``, ``sweep_summary.md``

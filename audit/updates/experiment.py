@@ -29,12 +29,12 @@ Updates attacked:
   (its training label) against the candidates' masks, by IoU (outline and
   place), or by the erythema's size and number of patches alone.
 
-Differential privacy (:mod:`skinfed.audit.dp_view`): the hospital's update is
+Differential privacy (:mod:`audit.updates.dp_view`): the hospital's update is
 clipped to ``C`` and noised with ``z C`` per coordinate (a worst-case observer
 of the noised aggregate); ``z = 0`` is what the server itself sees under
 client-side clipping.
 
-Inversion (:mod:`skinfed.audit.inversion`) on the one-step gradient of one
+Inversion (:mod:`audit.updates.inversion`) on the one-step gradient of one
 image at the initial model, with the raw photo's gradient as positive control.
 """
 
@@ -51,18 +51,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from skinfed.audit import dp_view
-from skinfed.audit.inversion import InversionBudget, invert_gradient, score_reconstruction, verdict
-from skinfed.audit.linkage import (
-    LinkageResult,
-    layer_signature,
-    link_rates,
-    mask_iou_matrix,
-    mask_size_and_count_matrix,
-    pixel_similarity_matrix,
-    similarity_matrix,
-)
-from skinfed.audit.updates import (
+from audit.updates import dp_view
+from audit.updates.capture import (
     LocalTraining,
     Update,
     fedavg_update,
@@ -71,6 +61,16 @@ from skinfed.audit.updates import (
     to_tensors,
     update_norm,
     used_parameters,
+)
+from audit.updates.inversion import InversionBudget, invert_gradient, score_reconstruction, verdict
+from audit.updates.linkage import (
+    LinkageResult,
+    layer_signature,
+    link_rates,
+    mask_iou_matrix,
+    mask_size_and_count_matrix,
+    pixel_similarity_matrix,
+    similarity_matrix,
 )
 
 log = logging.getLogger(__name__)

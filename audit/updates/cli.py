@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skinfed.audit.experiment import AuditData, AuditModels, AuditSettings, run_audit
-from skinfed.audit.inversion import InversionBudget
+from audit.updates.experiment import AuditData, AuditModels, AuditSettings, run_audit
+from audit.updates.inversion import InversionBudget
 
-log = logging.getLogger("skinfed.audit")
+log = logging.getLogger("audit.updates")
 
 
 @dataclass
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     result.report["summary"]["threads"] = torch.get_num_threads()
 
     out = Path(args.out) if args.out else _default_out(args.overrides)
-    from skinfed.audit.report import json_safe, write_report
+    from audit.updates.report import json_safe, write_report
 
     paths = write_report(out, result.report, result.images, inputs.data.originals, inputs.data.surrogates)
     print(f"audit written to {paths['report']} and {paths['figure']}", file=sys.stderr)
