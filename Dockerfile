@@ -68,7 +68,10 @@ RUN python -m pip install --no-cache-dir -r /tmp/skinfed-deps/requirements.txt "
     && rm -rf /tmp/skinfed-deps
 
 # The build context is filtered by .dockerignore: no .venv, runs, data, certificates or keys.
+# The product's packages only: the attacker's side (audit/) and the experiments
+# stay out of a hospital's image (the firewall's CLI then has no evaluate/benchmark).
 COPY pyproject.toml README.md /tmp/skinfed-src/
+COPY common/ /tmp/skinfed-src/common/
 COPY client/ /tmp/skinfed-src/client/
 COPY server/ /tmp/skinfed-src/server/
 COPY privacy_firewall/ /tmp/skinfed-src/privacy_firewall/
