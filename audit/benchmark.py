@@ -15,23 +15,32 @@ FlowEdit defaults of ``conf/backend/sd3.yaml`` / ``flux.yaml`` unless a
 ``backend=`` override is given.
 
 ``--images`` synthetic-clinic photos at ``--height`` x ``--width`` (default: the
-backend's working size; 256 for the tiny architectures) go through FlowEdit with
-the configured settings, in batches of ``firewall.batch_size``, and the backend's
-NFE counter measures, per image:
+backend's working size; 256 for the tiny architectures) go through the firewall
+as ``privacy-firewall deidentify`` and the ClientApp run it: a folder of photos,
+a cold cache and a throw-away key, every image the settings make (surrogate,
+its healthy twin, the patient's own twin), the identity gate with its redraws,
+the masks and the calibration of theta*. Per photo, as the median over
+``--repeats``:
 
-* ``nfe_single_edit``: one target (the surrogate);
-* ``nfe_twin_pair``: surrogate and healthy twin in one traversal, sharing the
-  source branch;
-* ``nfe_twin_pair_separate``: the same two edits run one after the other;
-* ``nfe_saving``: ``nfe_twin_pair_separate / nfe_twin_pair`` (and
-  ``nfe_saving_fraction`` = 1 - pair / separate).
+* ``seconds_per_photo``: the whole ``deidentify`` (reading, editing, checking,
+  masks, calibration, writing);
+* ``nfe_per_photo``: every network evaluation the backend made (all gate
+  attempts), and ``nfe_per_accepted_photo``: what the report counts per
+  accepted photo (its successful attempt), which ``privacy-firewall evaluate``
+  reports as ``nfe_per_image``;
+* ``stages``: seconds per photo in ``edit`` (identities, FlowEdit, decoding,
+  pixel checks), ``gate`` (the identity matcher), ``attributes`` (the source's
+  sex and kept attributes), ``out_of_distribution`` and ``io_mask_calibration``
+  (the rest of ``deidentify``).
 
-``seconds_per_image`` is the median over ``--repeats`` of the firewall's work per
-photo (encode, FlowEdit with the configured targets, i.e. with the original's
-healthy twin when ``firewall.original_healthy_twin``, decode); prompts are encoded
-beforehand, as in a running firewall. Memory: ``peak_rss_mb`` (the process's
-maximum resident set), ``peak_cuda_mb`` on CUDA. The result is a flat dict; the
-CLI prints it as JSON on the last stdout line. A progress bar goes to stderr.
+``flowedit`` breaks the FlowEdit cost down on the same photos (one traversal per
+target set, without the firewall around it): ``nfe_single_edit`` (the surrogate
+alone), ``nfe_twin_pair`` (surrogate and twin sharing the source branch),
+``nfe_twin_pair_separate`` (the two run one after the other), ``nfe_saving``
+(separate / pair) and ``nfe_configured`` (the configured targets); ``--no-breakdown``
+skips it. Memory: ``peak_rss_mb`` (the process's maximum resident set),
+``peak_cuda_mb`` on CUDA. The CLI prints the result as JSON on the last stdout
+line; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -198,7 +207,7 @@ def peak_rss_mb() -> float:
 
 
 def benchmark(cfg: FirewallSettings, *, random_weights: bool, architecture: str | None, height: int | None,
-              width: int | None, images: int, repeats: int, overrides: list[str]) -> dict:
+              width: int | None, images: int, repeats: int, overrides: list[str], breakdown: bool = True) -> dict:
     """Measure the firewall's NFE, time and memory; see the module docstring.
 
     The arguments are those of ``privacy-firewall benchmark`` (its parser holds
@@ -225,7 +234,7 @@ def benchmark(cfg: FirewallSettings, *, random_weights: bool, architecture: str 
 
     import secrets
 
-    from privacy_firewall.firewall import PrivacyFirewall, pixel_digest
+    from privacy_firewall.firewall import PrivacyFirewall
 
     # A throw-away key: the benchmark edits nothing for real and must not create the hospital's key.
     firewall = PrivacyFirewall(cfg, backend=backend, use_cache=False, key=secrets.token_bytes(32))
@@ -243,29 +252,54 @@ def benchmark(cfg: FirewallSettings, *, random_weights: bool, architecture: str 
         )
 
     images, sexes = clinic_images(n_images, height, width, BENCHMARK_SEED)
+    result = _describe(cfg, backend, architecture, weights, height, width, n_images, repeats, load_seconds)
+    try:
+        # The breakdown first: its one-step warm-up keeps first-call costs out of the real path's timing.
+        flowedit_nfe = _flowedit_breakdown(cfg, firewall, backend, images, sexes, height, width) if breakdown else None
+        result.update(_median_of([real_path(cfg, backend, images) for _ in range(repeats)]))
+    except torch.cuda.OutOfMemoryError as exc:
+        raise _usage_error(
+            f"out of GPU memory ({exc}); lower firewall.batch_size (now {cfg.batch_size}), --height/--width or --images"
+        ) from None
+    if flowedit_nfe is not None:
+        result["flowedit"] = flowedit_nfe
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    if device.type == "cuda":
+        result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        result["gpu"] = torch.cuda.get_device_name(device)
+    return result
+
+
+def _flowedit_breakdown(cfg: FirewallSettings, firewall, backend: FlowBackend, images: list[np.ndarray],
+                        sexes: list[str], height: int, width: int) -> dict:
+    """FlowEdit alone on the benchmark's photos: NFE of one target, of the twin pair
+    sharing the source branch and of the two run separately, and of the configured
+    targets (the SD3/FLUX path: one traversal from the photo)."""
+    from privacy_firewall.firewall import pixel_digest
+
+    n_images = len(images)
+    device = backend.device
     identities = [firewall.identity_for(pixel_digest(img), 0) for img in images]
-    plans = [firewall._targets(s, ident) for s, ident in zip(sexes, identities)]
+    plans = [firewall.plan_for(s, ident) for s, ident in zip(sexes, identities)]
     seeds = [firewall.noise_seed(pixel_digest(img), 0) for img in images]
     settings = cfg.flowedit
     batch = cfg.batch_size
     batches = [list(range(s, min(s + batch, n_images))) for s in range(0, n_images, batch)]
-    k_configured = len(plans[0][1])
+    k_configured = len(plans[0].targets)
 
     # NFE runs: (name, indices into the firewall's target list [surrogate, healthy twin, original's twin])
     runs = [("single", [0]), ("healthy_alone", [1]), ("twin_pair", [0, 1])]
     nfe: dict[str, float] = {}
     edit_seconds: dict[str, float] = {}
-    configured_seconds: list[float] = []
-    nfe_configured = 0.0
-    bar = tqdm(total=(len(runs) + repeats) * len(batches), desc="benchmark", unit="edit", file=sys.stderr)
+    bar = tqdm(total=(len(runs) + 1) * len(batches), desc="FlowEdit breakdown", unit="edit", file=sys.stderr)
     try:
         with torch.inference_mode():
             latents = [backend.encode_images(to_tensor_batch([images[i] for i in idx]).to(device)) for idx in batches]
             # Prompts are encoded once per process in a running firewall: not part of the timings.
-            backend.encode_prompts(list(dict.fromkeys(p for plan in plans for p in [plan[0], *plan[1]])))
+            backend.encode_prompts(list(dict.fromkeys(p for plan in plans for p in [plan.source, *plan.targets])))
 
             def edit(idx: list[int], x: torch.Tensor, which: list[int], s: FlowEditSettings = settings):
-                return flowedit(backend, x, [plans[i][0] for i in idx], [[plans[i][1][j] for j in which] for i in idx],
+                return flowedit(backend, x, [plans[i].source for i in idx], [[plans[i].targets[j] for j in which] for i in idx],
                                 s, [seeds[i] for i in idx], image_size=(height, width))
 
             if settings.n_max:  # warm-up (kernels, allocator): one step, not measured
@@ -280,21 +314,18 @@ def benchmark(cfg: FirewallSettings, *, random_weights: bool, architecture: str 
                 nfe[name] = total / n_images
                 edit_seconds[name] = (time.perf_counter() - before) / n_images
 
-            which = list(range(k_configured))
-            for _ in range(repeats):
-                _sync(device)
-                before, total = time.perf_counter(), 0.0
-                for idx in batches:  # what the firewall does per batch: encode, edit, decode
-                    x = backend.encode_images(to_tensor_batch([images[i] for i in idx]).to(device))
-                    out = edit(idx, x, which)
-                    for j in range(out.latents.shape[1]):
-                        backend.decode_latents(out.latents[:, j]).cpu()
-                    backend.decode_latents(x).cpu()
-                    total += out.nfe_per_image * len(idx)
-                    bar.update(1)
-                _sync(device)
-                configured_seconds.append((time.perf_counter() - before) / n_images)
-                nfe_configured = total / n_images
+            _sync(device)
+            before, total = time.perf_counter(), 0.0
+            for idx in batches:  # one traversal with the configured targets: encode, edit, decode
+                x = backend.encode_images(to_tensor_batch([images[i] for i in idx]).to(device))
+                out = edit(idx, x, list(range(k_configured)))
+                for j in range(out.latents.shape[1]):
+                    backend.decode_latents(out.latents[:, j]).cpu()
+                total += out.nfe_per_image * len(idx)
+                bar.update(1)
+            _sync(device)
+            configured_seconds = (time.perf_counter() - before) / n_images
+            nfe_configured = total / n_images
     except torch.cuda.OutOfMemoryError as exc:
         raise _usage_error(
             f"out of GPU memory ({exc}); lower firewall.batch_size (now {batch}), --height/--width or --images"
@@ -303,43 +334,112 @@ def benchmark(cfg: FirewallSettings, *, random_weights: bool, architecture: str 
         bar.close()
 
     separate = nfe["single"] + nfe["healthy_alone"]
-    result: dict[str, Any] = {
-        "backend": backend.name,
-        "architecture": architecture,
-        "weights": weights,
-        "device": str(device),
-        "dtype": str(backend.dtype).removeprefix("torch."),
-        "height": height,
-        "width": width,
-        "images": n_images,
-        "repeats": repeats,
-        "batch_size": batch,
-        "steps": settings.steps,
-        "n_max": settings.n_max,
-        "n_min": settings.n_min,
-        "n_avg": settings.n_avg,
-        "guidance_mode": settings.guidance_mode,
-        "true_cfg": bool(backend.has_true_cfg),
+    return {
         "nfe_single_edit": nfe["single"],
         "nfe_twin_pair": nfe["twin_pair"],
         "nfe_twin_pair_separate": separate,
         "nfe_saving": round(separate / nfe["twin_pair"], 6) if nfe["twin_pair"] else None,
         "nfe_saving_fraction": round(1 - nfe["twin_pair"] / separate, 6) if separate else None,
-        "original_healthy_twin": bool(cfg.original_healthy_twin),
         "targets_configured": k_configured,
         "nfe_configured": nfe_configured,
-        "seconds_per_image": round(statistics.median(configured_seconds), 6),
-        "seconds_per_image_repeats": [round(s, 6) for s in configured_seconds],
+        "seconds_per_image": round(configured_seconds, 6),
         "edit_seconds_per_image_single": round(edit_seconds["single"], 6),
         "edit_seconds_per_image_twin_pair": round(edit_seconds["twin_pair"], 6),
         "edit_seconds_per_image_twin_pair_separate": round(edit_seconds["single"] + edit_seconds["healthy_alone"], 6),
-        "load_seconds": round(load_seconds, 3),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
     }
-    if device.type == "cuda":
-        result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-        result["gpu"] = torch.cuda.get_device_name(device)
-    return result
+
+
+def _describe(cfg: FirewallSettings, backend: FlowBackend, architecture: str, weights: str, height: int, width: int,
+              n_images: int, repeats: int, load_seconds: float) -> dict[str, Any]:
+    f = cfg.flowedit
+    return {
+        "backend": backend.name, "architecture": architecture, "weights": weights, "device": str(backend.device),
+        "dtype": str(backend.dtype).removeprefix("torch."), "height": height, "width": width, "images": n_images,
+        "repeats": repeats, "batch_size": cfg.batch_size, "threads": torch.get_num_threads(), "steps": f.steps,
+        "n_max": f.n_max, "n_min": f.n_min, "n_avg": f.n_avg, "guidance_mode": f.guidance_mode,
+        "true_cfg": bool(backend.has_true_cfg), "original_healthy_twin": bool(cfg.original_healthy_twin),
+        "load_seconds": round(load_seconds, 3),
+    }
+
+
+#: The firewall's stages, timed by wrapping these callables of one firewall run.
+STAGES = {"edit": ("firewall", "_edit_batch"), "gate": ("gate", "check"),
+          "attributes": ("backend", "kept_attributes"), "sex": ("firewall", "resolve_sex"),
+          "out_of_distribution": ("backend", "out_of_distribution")}
+
+
+def real_path(cfg: FirewallSettings, backend: FlowBackend, images: list[np.ndarray]) -> dict[str, Any]:
+    """``images`` through ``deidentify_folder`` with a cold cache and a throw-away
+    key, timed per stage; per photo."""
+    import secrets
+    import tempfile
+    from pathlib import Path
+
+    from privacy_firewall.cache import FirewallCache
+    from privacy_firewall.deidentify import deidentify_folder
+    from privacy_firewall.firewall import PrivacyFirewall
+    from privacy_firewall.images import write_png
+
+    with tempfile.TemporaryDirectory(prefix="skinfed-benchmark-") as tmp:
+        root = Path(tmp)
+        for i, rgb in enumerate(images):
+            write_png(root / "photos" / f"photo_{i:04d}.png", rgb)
+        # A throw-away key and a cold cache: the benchmark never touches the hospital's.
+        firewall = PrivacyFirewall(cfg, backend=backend, cache=FirewallCache(root / "cache"),
+                                   key=secrets.token_bytes(32))
+        owners = {"firewall": firewall, "gate": firewall.gate, "backend": backend}
+        seconds = dict.fromkeys(STAGES, 0.0)
+        for stage, (owner, name) in STAGES.items():
+            setattr(owners[owner], name, _timed(getattr(owners[owner], name), seconds, stage))
+        try:
+            nfe_before = backend.nfe
+            _sync(backend.device)
+            t0 = time.perf_counter()
+            report = deidentify_folder(root / "photos", root / "out", cfg, firewall=firewall, progress=False)
+            _sync(backend.device)
+            total = time.perf_counter() - t0
+        finally:
+            for owner, name in STAGES.values():
+                owners[owner].__dict__.pop(name, None)
+        nfe = backend.nfe - nfe_before
+    n = len(images)
+    accepted = [ph.statistics["nfe"] for ph in report.photos.values() if ph.statistics.get("nfe")]
+    seconds["attributes"] += seconds.pop("sex")
+    seconds["io_mask_calibration"] = max(0.0, total - sum(seconds.values()))
+    return {
+        "seconds_per_photo": total / n,
+        "nfe_per_photo": nfe / n,
+        "nfe_per_accepted_photo": statistics.mean(accepted) if accepted else None,
+        "accepted": report.ok,
+        "refused": report.failed,
+        "stages": {k: v / n for k, v in seconds.items()},
+    }
+
+
+def _timed(fn, seconds: dict[str, float], stage: str):
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            seconds[stage] += time.perf_counter() - t0
+    return timed
+
+
+def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The repeats' medians (counts from the first run: the same photos and key
+    schedule give the same counts)."""
+    med = lambda key: round(statistics.median(r[key] for r in runs), 6)  # noqa: E731
+    first = runs[0]
+    return {
+        "seconds_per_photo": med("seconds_per_photo"),
+        "seconds_per_photo_repeats": [round(r["seconds_per_photo"], 6) for r in runs],
+        "nfe_per_photo": round(statistics.median(r["nfe_per_photo"] for r in runs), 3),
+        "nfe_per_accepted_photo": first["nfe_per_accepted_photo"],
+        "accepted": first["accepted"],
+        "refused": first["refused"],
+        "stages": {k: round(statistics.median(r["stages"][k] for r in runs), 6) for k in first["stages"]},
+    }
 
 
 __all__ = ["ARCHITECTURES", "benchmark", "build_backend", "clinic_images", "peak_rss_mb"]

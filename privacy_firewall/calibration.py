@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from privacy_firewall.firewall import TwinResult
 from privacy_firewall.masks import Calibration, calibrate_threshold, differential_mask, threshold_grid
 from privacy_firewall.report import ReferenceKind
 from privacy_firewall.settings import MaskSettings
+from privacy_firewall.twins import TwinResult
 
 
 @dataclass

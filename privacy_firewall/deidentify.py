@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 
 from common.io import atomic_write_bytes
-from privacy_firewall.firewall import PhotoRequest, PrivacyFirewall, TwinResult
+from privacy_firewall.firewall import PrivacyFirewall
 from privacy_firewall.images import ImageRejected, load_photo
 from privacy_firewall.outputs import (
     PER_ID_FOLDERS,
@@ -54,6 +54,7 @@ from privacy_firewall.outputs import (
 )
 from privacy_firewall.report import DeidentificationReport, RefusalCode
 from privacy_firewall.settings import FirewallSettings
+from privacy_firewall.twins import PhotoRequest, TwinResult
 
 log = logging.getLogger(__name__)
 

@@ -36,154 +36,43 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from common.io import atomic_write_json
 from privacy_firewall.appearance import lesion_appearance, paint_lesion, skin_mask
 from privacy_firewall.backends import FlowBackend, load_backend
+from privacy_firewall.cache import FirewallCache
 from privacy_firewall.flowedit import flowedit
 from privacy_firewall.gate import IdentityGate, choose_matcher
 from privacy_firewall.identity import Identity, draw_identity, keep_attributes
-from privacy_firewall.images import (
-    Prepared,
-    pixel_digest,
-    prepare,
-    read_mask_png,
-    read_rgb_png,
-    to_tensor_batch,
-    to_uint8_images,
-    write_png,
-)
+from privacy_firewall.images import Prepared, pixel_digest, prepare, to_tensor_batch, to_uint8_images
 from privacy_firewall.masks import a_star_difference, differential_mask, lay_out_erythema, lay_out_erythema_map
+from privacy_firewall.output_checks import finite_per_image, refusal_for_pixels
+from privacy_firewall.planning import EditPlan, plan_edit, sex_word
 from privacy_firewall.report import RefusalCode
 from privacy_firewall.secret_key import derive_seed, keyed_digest, load_or_create_key
 from privacy_firewall.settings import FirewallSettings
+from privacy_firewall.twins import PhotoRequest, TwinResult, refused
 
 log = logging.getLogger(__name__)
-
-#: Words a metadata ``sex`` column may hold, and the prompt word for each.
-SEX_WORDS = {"female": "woman", "woman": "woman", "f": "woman", "male": "man", "man": "man", "m": "man"}
-OPPOSITE = {"woman": "man", "man": "woman"}
 
 __all__ = ["FirewallCache", "PhotoRequest", "PrivacyFirewall", "TwinResult", "pixel_digest"]
 
 
 @dataclass
-class TwinResult:
-    """The firewall's product for one photo. Pixels are None unless status is ok."""
+class Drawn:
+    """A batch's edit: the latents of the surrogate and its healthy twin, and what
+    was decoded on the way (so nothing is decoded twice)."""
 
-    status: str  # ok | failed
-    reason: str = ""  # for people
-    code: RefusalCode | None = None  # why it failed (None when ok): what code decides by
-    surrogate: np.ndarray | None = None
-    healthy_twin: np.ndarray | None = None
-    a_star_difference: np.ndarray | None = None
-    # The patient's own: stays on the node, never used for training.
-    original: np.ndarray | None = None  # the photo at working size
-    original_healthy_twin: np.ndarray | None = None
-    original_difference: np.ndarray | None = None
-    # The erythema map the surrogate was drawn from (in its frame), when the firewall
-    # gave the patient's erythema a new layout (identity.erythema_layout redrawn or
-    # reshaped): then the surrogate's mask is scored against it, not the photo's.
-    drawn_erythema_map: np.ndarray | None = None
-    source_sex: str = ""
-    target_sex: str = ""
-    identity: tuple[str, ...] = ()  # the drawn identity's phrases
-    attempts: int = 0  # draws the gate needed
-    gate_distance: float | None = None
-    nfe: float = 0.0
-    seconds: float = 0.0
-    cached: bool = False
-    # Where the cache holds this result's images (the output folder links them).
-    files: dict[str, Path] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-
-class FirewallCache:
-    """Content-addressed store of firewall results: ``root/ab/<key>/``.
-
-    Keys are HMACs under the hospital's secret key, so the cache cannot be
-    searched for a given photo. It holds the images only; a* differences are
-    recomputed on load with the current mask settings (cheap), so mask settings
-    are not part of the key. It lives on the hospital's node: ``original.png``
-    is the photo at working size (needed for M_orig), never shared.
-
-    An entry is written into a temporary folder and renamed into place, so a
-    killed run leaves either a whole entry or none."""
-
-    FILES = ("surrogate", "healthy_twin", "original", "original_healthy_twin")
-    MASKS = ("drawn_erythema_map",)
-    META = ("source_sex", "target_sex", "identity", "attempts", "gate_distance", "nfe", "seconds")
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root).expanduser()
-
-    def _dir(self, key: str) -> Path:
-        return self.root / key[:2] / key
-
-    def get(self, key: str) -> TwinResult | None:
-        d = self._dir(key)
-        meta_path = d / "meta.json"
-        if not meta_path.is_file():
-            return None
-        try:
-            meta = json.loads(meta_path.read_text())
-            files = {name: d / f"{name}.png" for name in self.FILES if (d / f"{name}.png").exists()}
-            arrays = {name: read_rgb_png(path) for name, path in files.items()}
-            arrays.update({name: read_mask_png(d / f"{name}.png") for name in self.MASKS
-                           if (d / f"{name}.png").exists()})
-            values = {k: meta[k] for k in self.META}
-            values["identity"] = tuple(values["identity"])
-            return TwinResult(status="ok", cached=True, files=files, **values, **arrays)
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-            log.warning("firewall cache entry %s unreadable (%s); it will be recomputed", key[:12], exc)
-            return None
-
-    def put(self, key: str, result: TwinResult) -> None:
-        if not result.ok:
-            return  # failures are not cached: they are retried
-        final = self._dir(key)
-        if not final.exists():
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{key[:8]}-"))
-            try:
-                for name in self.FILES + self.MASKS:
-                    img = getattr(result, name)
-                    if img is not None:
-                        write_png(tmp / f"{name}.png", img)
-                meta = {k: getattr(result, k) for k in self.META}
-                meta["identity"] = list(meta["identity"])
-                atomic_write_json(tmp / "meta.json", meta)
-                os.rename(tmp, final)
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if not final.exists():
-                    raise
-        result.files = {name: final / f"{name}.png" for name in self.FILES if (final / f"{name}.png").exists()}
-
-
-@dataclass
-class PhotoRequest:
-    """One photo to pass through the firewall."""
-
-    pixels: np.ndarray  # RGB uint8, any size
-    sex: str | None = None  # the source's sex if known (woman | man | female | male)
-    digest: str = field(default="")
-
-    def __post_init__(self) -> None:
-        if not self.digest:
-            self.digest = pixel_digest(self.pixels)
+    surrogate: torch.Tensor
+    healthy: torch.Tensor
+    original_healthy: torch.Tensor | None  # the patient's own healthy twin, when made
+    drawn_maps: list[np.ndarray] | None = None  # the maps the surrogates were drawn from, when laid out anew
+    photos: list[np.ndarray] | None = None  # the source latents decoded
+    original_twins: list[np.ndarray] | None = None  # original_healthy decoded
 
 
 class PrivacyFirewall:
@@ -266,18 +155,25 @@ class PrivacyFirewall:
     def identity_for(self, digest: str, attempt: int) -> Identity:
         return draw_identity(self.backend.identity_attributes(), derive_seed(self.key, "identity", digest, str(attempt)))
 
+    def plan_for(self, sex: str, identity: Identity | None) -> EditPlan:
+        s = self.settings
+        return plan_edit(s.prompts, sex, identity, s.fallback_target_sex, s.original_healthy_twin)
+
     # -- sex of the source --------------------------------------------------------------
-    def resolve_sex(self, requests: list[PhotoRequest]) -> list[str]:
+    def resolve_sex(self, requests: list[PhotoRequest], prepared: list[Prepared] | None = None) -> list[str]:
+        """The prompt word for each source's sex: the setting, the metadata, else the
+        backend's attribute classifier on the prepared photo ("person" without one)."""
         forced = self.settings.source_sex
         if forced != "auto":
             return [forced] * len(requests)
-        out: list[str | None] = [SEX_WORDS.get(str(r.sex).lower()) if r.sex else None for r in requests]
+        out = [sex_word(r.sex) for r in requests]
         unknown = [i for i, s in enumerate(out) if s is None]
         classifier = self.backend.attribute_classifier() if unknown else None
         if classifier is not None:
-            prepared = [self._prepare(requests[i].pixels).pixels for i in unknown]
-            for i, p in zip(unknown, classifier.predict(to_tensor_batch(prepared))["sex"]):
-                out[i] = SEX_WORDS[p]
+            prepared = prepared or [self._prepare(r.pixels) for r in requests]
+            batch = to_tensor_batch([prepared[i].pixels for i in unknown])
+            for i, predicted in zip(unknown, classifier.predict(batch)["sex"]):
+                out[i] = sex_word(predicted)
         return [s or "person" for s in out]
 
     def _prepare(self, pixels: np.ndarray) -> Prepared:
@@ -289,16 +185,16 @@ class PrivacyFirewall:
         """Twins for every request, in order. Cached results are reused."""
         from tqdm import tqdm
 
-        sexes = self.resolve_sex(requests)
+        prepared = [self._prepare(r.pixels) for r in requests]
+        sexes = self.resolve_sex(requests, prepared)
         results: list[TwinResult | None] = [None] * len(requests)
         keys = [self.cache_key(r.digest, s) for r, s in zip(requests, sexes)]
-        prepared = {i: self._prepare(r.pixels) for i, r in enumerate(requests)}
         # Before the cache: a cached surrogate of a photo the backend now refuses
         # (its calibration gone, say) must not come back.
         if self.settings.gate.out_of_distribution_check and requests:
-            for i, reason in enumerate(self.backend.out_of_distribution([prepared[i].pixels for i in prepared])):
+            for i, reason in enumerate(self.backend.out_of_distribution([p.pixels for p in prepared])):
                 if reason:
-                    results[i] = TwinResult(status="failed", reason=reason, code=RefusalCode.OUT_OF_DISTRIBUTION)
+                    results[i] = refused(RefusalCode.OUT_OF_DISTRIBUTION, reason)
         todo = []
         for i, key in enumerate(keys):
             if results[i] is not None:
@@ -339,10 +235,15 @@ class PrivacyFirewall:
         """Edit, check every surrogate against its source, redraw the ones still
         linked to it, and refuse them after ``identity.attempts`` draws."""
         results: list[TwinResult | None] = [None] * len(prepared)
+        # What the backend keeps of each source by design (the view: the map is drawn
+        # in it; the skin-tone group when the patient's erythema is painted): per
+        # source, not per attempt.
+        kept = (self.backend.kept_attributes([p.pixels for p in prepared], skin_tone=self.paints_patient_erythema)
+                if self.settings.identity.mode == "new_identity" else [() for _ in prepared])
         pending = list(range(len(prepared)))
         for attempt in range(self.settings.identity.attempts):
             edited = self._edit_batch([prepared[i] for i in pending], [digests[i] for i in pending],
-                                      [sexes[i] for i in pending], attempt)
+                                      [sexes[i] for i in pending], attempt, [kept[i] for i in pending])
             ok = [(i, r) for i, r in zip(pending, edited) if r.ok]
             for i, r in zip(pending, edited):
                 if not r.ok:
@@ -356,8 +257,7 @@ class PrivacyFirewall:
                 else:
                     # The gate measures a distance only when it could compare: then it linked them.
                     code = RefusalCode.STILL_IDENTIFIABLE if verdict.distance is not None else RefusalCode.CANNOT_CHECK_IDENTITY
-                    results[i] = TwinResult(status="failed", reason=verdict.reason, code=code, attempts=attempt + 1,
-                                            gate_distance=verdict.distance)
+                    results[i] = refused(code, verdict.reason, attempts=attempt + 1, gate_distance=verdict.distance)
                     if verdict.distance is not None:
                         pending.append(i)  # linked, not unmeasurable: another identity may pass
             if not pending:
@@ -366,92 +266,81 @@ class PrivacyFirewall:
             results[i].reason += f"; refused after {self.settings.identity.attempts} identities"  # type: ignore[union-attr]
         return results  # type: ignore[return-value]
 
-    def _targets(self, sex: str, identity: Identity | None) -> tuple[str, list[str], str]:
-        """(source prompt, target prompts [surrogate, healthy twin, original's healthy
-        twin?], target sex) for a source of ``sex``."""
-        p = self.settings.prompts
-        if identity is None:  # opposite_sex
-            target_sex, suffix = OPPOSITE.get(sex, self.settings.fallback_target_sex), ""
-        else:
-            target_sex, suffix = identity.sex, identity.prompt_suffix()
-        fields = {"sex": sex, "target_sex": target_sex, "identity": suffix}
-        targets = [p.target.format(**fields), p.healthy.format(**fields)]
-        if self.settings.original_healthy_twin:
-            targets.append(p.original_healthy.format(**fields))
-        return p.source.format(**fields), targets, target_sex
+    def _identities(self, digests: list[str], attempt: int, kept: list[tuple[str, ...]]) -> list[Identity | None]:
+        if self.settings.identity.mode != "new_identity":
+            return [None for _ in digests]  # opposite_sex: the paper's single traversal
+        attributes = self.backend.identity_attributes()
+        return [keep_attributes(self.identity_for(d, attempt), k, attributes) for d, k in zip(digests, kept)]
 
-    def _edit_batch(self, prepared: list[Prepared], digests: list[str], sexes: list[str], attempt: int) -> list[TwinResult]:
+    def _edit_batch(self, prepared: list[Prepared], digests: list[str], sexes: list[str], attempt: int,
+                    kept: list[tuple[str, ...]]) -> list[TwinResult]:
+        """One attempt for a batch of photos: identities, plans, the edit, the pixel checks."""
         t0 = time.perf_counter()
-        new_identity = self.settings.identity.mode == "new_identity"
-        identities = [self.identity_for(d, attempt) if new_identity else None for d in digests]
-        if new_identity:  # what the backend keeps of the source by design (e.g. the view: the mask is in it)
-            kept = self.backend.kept_attributes([p.pixels for p in prepared], skin_tone=self.paints_patient_erythema)
-            identities = [keep_attributes(i, k, self.backend.identity_attributes()) for i, k in zip(identities, kept)]
-        plans = [self._targets(s, ident) for s, ident in zip(sexes, identities)]
+        identities = self._identities(digests, attempt, kept)
+        plans = [self.plan_for(s, ident) for s, ident in zip(sexes, identities)]
         image_size = tuple(prepared[0].pixels.shape[:2])
         try:
             with torch.inference_mode():
                 nfe_before = self.backend.nfe
                 x = self.backend.encode_images(to_tensor_batch([p.pixels for p in prepared]).to(self.backend.device))
-                drawn_maps = None
                 if self.draws_from_map:
-                    surrogate, healthy, original_healthy, drawn_maps = self._draw_from_erythema_map(
-                        x, plans, sexes, digests, attempt, image_size)
+                    drawn = self._draw_from_erythema_map(x, plans, digests, attempt, image_size)
                 else:
-                    edit = flowedit(self.backend, x, [p[0] for p in plans], [p[1] for p in plans], self.settings.flowedit,
-                                    [self.noise_seed(d, attempt) for d in digests], image_size=image_size)
-                    surrogate, healthy = edit.latents[:, 0], edit.latents[:, 1]
-                    original_healthy = edit.latents[:, 2] if edit.latents.shape[1] > 2 else None
+                    drawn = self._edit_from_photo(x, plans, digests, attempt, image_size)
                 nfe = (self.backend.nfe - nfe_before) / len(prepared)
-                finite = torch.isfinite(torch.cat([surrogate.flatten(1), healthy.flatten(1)], 1)).all(dim=1).tolist()
-                decoded_surrogate = to_uint8_images(self.backend.decode_latents(surrogate))
-                decoded_healthy = to_uint8_images(self.backend.decode_latents(healthy))
-                decoded_original_healthy = (to_uint8_images(self.backend.decode_latents(original_healthy))
-                                            if original_healthy is not None else None)
-                original = to_uint8_images(self.backend.decode_latents(x))
+                finite = finite_per_image(drawn.surrogate, drawn.healthy)
+                surrogates = to_uint8_images(self.backend.decode_latents(drawn.surrogate))
+                healthy = to_uint8_images(self.backend.decode_latents(drawn.healthy))
+                original_twins = drawn.original_twins
+                if original_twins is None and drawn.original_healthy is not None:
+                    original_twins = to_uint8_images(self.backend.decode_latents(drawn.original_healthy))
+                photos = drawn.photos if drawn.photos is not None else (
+                    to_uint8_images(self.backend.decode_latents(x)) if original_twins is not None else None)
         except Exception as exc:  # fail closed: nothing from this batch goes on
             log.exception("firewall batch failed")
             reason = f"edit failed: {type(exc).__name__}: {exc}"
-            return [TwinResult(status="failed", reason=reason[:300], code=RefusalCode.EDIT_FAILED) for _ in prepared]
+            return [refused(RefusalCode.EDIT_FAILED, reason[:300]) for _ in prepared]
         seconds = (time.perf_counter() - t0) / len(prepared)
         out = []
-        min_std = self.settings.min_output_std
         for b, p in enumerate(prepared):
-            if not finite[b]:
-                out.append(TwinResult(status="failed", reason="edit produced NaN or infinite values",
-                                      code=RefusalCode.NON_FINITE_OUTPUT))
-                continue
-            surrogate_img, healthy_img = p.crop(decoded_surrogate[b]), p.crop(decoded_healthy[b])
-            if min(surrogate_img.std(), healthy_img.std()) < min_std:
-                out.append(TwinResult(status="failed", reason=f"edit produced a blank image (pixel std < {min_std})",
-                                      code=RefusalCode.BLANK_OUTPUT))
+            surrogate_img, healthy_img = p.crop(surrogates[b]), p.crop(healthy[b])
+            refusal = refusal_for_pixels(finite[b], surrogate_img, healthy_img, self.settings.min_output_std)
+            if refusal is not None:
+                out.append(refusal)
                 continue
             res = TwinResult(
                 status="ok", surrogate=surrogate_img, healthy_twin=healthy_img, source_sex=sexes[b],
-                target_sex=plans[b][2], identity=identities[b].phrases if identities[b] else (), nfe=nfe,
-                seconds=seconds, drawn_erythema_map=p.crop(drawn_maps[b]) if drawn_maps is not None else None,
+                target_sex=plans[b].target_sex, identity=identities[b].phrases if identities[b] else (), nfe=nfe,
+                seconds=seconds, drawn_erythema_map=p.crop(drawn.drawn_maps[b]) if drawn.drawn_maps is not None else None,
             )
-            if decoded_original_healthy is not None:
-                res.original = p.crop(original[b])
-                res.original_healthy_twin = p.crop(decoded_original_healthy[b])
+            if original_twins is not None:
+                res.original = p.crop(photos[b])
+                res.original_healthy_twin = p.crop(original_twins[b])
             out.append(res)
         return out
 
-    def _draw_from_erythema_map(self, x: torch.Tensor, plans: list, sexes: list[str], digests: list[str],
-                                attempt: int, image_size: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _edit_from_photo(self, x: torch.Tensor, plans: list[EditPlan], digests: list[str], attempt: int,
+                         image_size: tuple) -> Drawn:
+        """Steps 2-3 for a backend without erythema maps (SD3/FLUX): one FlowEdit
+        traversal from the photo toward every target (shared source branch)."""
+        edit = flowedit(self.backend, x, [p.source for p in plans], [p.targets for p in plans], self.settings.flowedit,
+                        [self.noise_seed(d, attempt) for d in digests], image_size=image_size)
+        original_healthy = edit.latents[:, 2] if edit.latents.shape[1] > 2 else None
+        return Drawn(edit.latents[:, 0], edit.latents[:, 1], original_healthy)
+
+    def _draw_from_erythema_map(self, x: torch.Tensor, plans: list[EditPlan], digests: list[str], attempt: int,
+                                image_size: tuple) -> Drawn:
         """Steps 2-3 for a backend that takes an erythema map: the patient's healthy
         twin by FlowEdit and M_orig from it; the new identity drawn from noise with
         M_orig as its erythema map (the surrogate); then the surrogate's own healthy
         twin by the same FlowEdit from the surrogate (the same secret noise), so the
         twin keeps the surrogate's identity and loses only the erythema. With
         ``identity.erythema_layout`` redrawn or reshaped the map gets a secret new
-        layout first; those maps are returned (else None)."""
+        layout first (the drawn maps are returned)."""
         settings = self.settings.flowedit
         noise = [self.noise_seed(d, attempt) for d in digests]
-        original_healthy_prompts = [[self.settings.prompts.original_healthy.format(sex=s, target_sex=p[2], identity="")]
-                                    for s, p in zip(sexes, plans)]
-        own = flowedit(self.backend, x, [p[0] for p in plans], original_healthy_prompts, settings, noise,
-                       image_size=image_size)
+        own = flowedit(self.backend, x, [p.source for p in plans], [[p.original_healthy] for p in plans], settings,
+                       noise, image_size=image_size)
         original_healthy = own.latents[:, 0]
         m = self.settings.mask
         photos = to_uint8_images(self.backend.decode_latents(x))
@@ -462,7 +351,7 @@ class PrivacyFirewall:
         if self.paints_patient_erythema:
             surrogate, healthy, drawn_maps = self._paint_patient_erythema(x, plans, digests, attempt, image_size,
                                                                           photos, twins, maps)
-            return surrogate, healthy, original_healthy, drawn_maps
+            return Drawn(surrogate, healthy, original_healthy, drawn_maps, photos, twins)
         drawn_maps = None
         if self.settings.identity.erythema_layout != "kept":
             maps = drawn_maps = [lay_out_erythema_map(mp, derive_seed(self.key, "erythema-outline", d, str(attempt)),
@@ -471,18 +360,18 @@ class PrivacyFirewall:
         erythema_map = torch.from_numpy(np.stack(maps)).float()[:, None].to(x.device)
         # n_max = n_min = steps: FlowEdit degenerates to plain sampling of the target from noise.
         sampling = replace(settings, n_max=settings.steps, n_min=settings.steps)
-        drawn = flowedit(self.backend, x, [p[0] for p in plans], [[p[1][0]] for p in plans], sampling,
+        drawn = flowedit(self.backend, x, [p.source for p in plans], [[p.surrogate] for p in plans], sampling,
                          [derive_seed(self.key, "identity-noise", d, str(attempt)) for d in digests],
                          image_size=image_size, target_maps=[erythema_map])
         surrogate = drawn.latents[:, 0]
-        healthy = flowedit(self.backend, surrogate, [p[1][0] for p in plans], [[p[1][1]] for p in plans], settings,
+        healthy = flowedit(self.backend, surrogate, [p.surrogate for p in plans], [[p.healthy] for p in plans], settings,
                            noise, image_size=image_size, target_maps=[torch.zeros_like(erythema_map)])
-        return surrogate, healthy.latents[:, 0], original_healthy, drawn_maps
+        return Drawn(surrogate, healthy.latents[:, 0], original_healthy, drawn_maps, photos, twins)
 
-    def _paint_patient_erythema(self, x: torch.Tensor, plans: list, digests: list[str], attempt: int,
+    def _paint_patient_erythema(self, x: torch.Tensor, plans: list[EditPlan], digests: list[str], attempt: int,
                                 image_size: tuple, photos: list[np.ndarray], twins: list[np.ndarray],
                                 maps: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, list | None]:
-        """Step 2 with ``identity.erythema_appearance=patient``: the new identity's
+        """Step 3 with ``identity.erythema_appearance=patient``: the new identity's
         healthy face drawn from noise (it is the healthy twin), and the patient's
         own erythema (photo over the patient's healthy twin, on the map) laid out
         with the map and painted onto it (:mod:`privacy_firewall.appearance`)."""
@@ -496,7 +385,7 @@ class PrivacyFirewall:
         settings = self.settings.flowedit
         no_erythema = torch.zeros((len(maps), 1, *maps[0].shape), device=x.device)
         sampling = replace(settings, n_max=settings.steps, n_min=settings.steps)
-        face = flowedit(self.backend, x, [p[0] for p in plans], [[p[1][1]] for p in plans], sampling,
+        face = flowedit(self.backend, x, [p.source for p in plans], [[p.healthy] for p in plans], sampling,
                         [derive_seed(self.key, "identity-noise", d, str(attempt)) for d in digests],
                         image_size=image_size, target_maps=[no_erythema])
         healthy = face.latents[:, 0]

@@ -24,7 +24,6 @@ import numpy as np
 from common.io import atomic_write_bytes, atomic_write_json
 from privacy_firewall.calibration import cohort_masks
 from privacy_firewall.figures import heat_map
-from privacy_firewall.firewall import TwinResult
 from privacy_firewall.images import read_mask_png, write_png
 from privacy_firewall.masks import differential_mask
 from privacy_firewall.report import (
@@ -37,6 +36,7 @@ from privacy_firewall.report import (
 )
 from privacy_firewall.settings import FirewallSettings
 from privacy_firewall.statistics import compare_a_star, mask_agreement, summarise
+from privacy_firewall.twins import TwinResult
 
 MANIFEST = "manifest.local.csv"
 #: Where the reference mask of each ok id is kept (hospital-private).

@@ -40,7 +40,8 @@ def expected_nfe(k: int, *, n_max: int, n_min: int = 0, n_avg: int = 1, true_cfg
     return (n_max - n_min) * n_avg * (source + per_target * k) + n_min * per_target * k
 
 
-def check_relations(r: dict, k_configured: int, **settings) -> None:
+def check_relations(result: dict, k_configured: int, **settings) -> None:
+    r = result["flowedit"]
     single = expected_nfe(1, **settings)
     pair = expected_nfe(2, **settings)
     assert r["nfe_single_edit"] == single
@@ -51,10 +52,10 @@ def check_relations(r: dict, k_configured: int, **settings) -> None:
     assert r["nfe_twin_pair"] < r["nfe_twin_pair_separate"]
     assert r["targets_configured"] == k_configured
     assert r["nfe_configured"] == expected_nfe(k_configured, **settings)
-    assert r["seconds_per_image"] > 0 and r["peak_rss_mb"] > 0
-    assert len(r["seconds_per_image_repeats"]) == r["repeats"]
-    if r["device"] == "cpu":
-        assert "peak_cuda_mb" not in r
+    assert r["seconds_per_image"] > 0 and result["peak_rss_mb"] > 0
+    assert len(result["seconds_per_photo_repeats"]) == result["repeats"]
+    if result["device"] == "cpu":
+        assert "peak_cuda_mb" not in result
 
 
 @pytest.mark.parametrize(
@@ -75,8 +76,10 @@ def test_tiny_sd3_nfe_relations(capsys, monkeypatch, tmp_path, extra, settings):
     assert (r["height"], r["width"], r["images"], r["steps"], r["n_max"]) == (32, 48, 3, 6, 4)
     check_relations(r, 3, **settings)  # original_healthy_twin: true (the default)
     if not extra:
-        assert r["nfe_twin_pair"] == 6 * 4 and r["nfe_twin_pair_separate"] == 8 * 4
-        assert r["nfe_saving"] == pytest.approx(4 / 3)
+        assert r["flowedit"]["nfe_twin_pair"] == 6 * 4 and r["flowedit"]["nfe_twin_pair_separate"] == 8 * 4
+        assert r["flowedit"]["nfe_saving"] == pytest.approx(4 / 3)
+    # The real path: one traversal from the photo with the three targets per attempt.
+    assert r["nfe_per_photo"] >= expected_nfe(3, **settings)
 
 
 def test_tiny_flux_is_guidance_distilled(capsys, monkeypatch, tmp_path):
@@ -87,8 +90,9 @@ def test_tiny_flux_is_guidance_distilled(capsys, monkeypatch, tmp_path):
     assert (r["backend"], r["architecture"], r["true_cfg"]) == ("flux", "tiny-flux", False)
     # one evaluation per branch: 1 + k per step
     check_relations(r, 2, n_max=4, true_cfg=False)
-    assert (r["nfe_single_edit"], r["nfe_twin_pair"], r["nfe_twin_pair_separate"]) == (2 * 4, 3 * 4, 4 * 4)
-    assert r["nfe_configured"] == r["nfe_twin_pair"]  # no original's healthy twin
+    f = r["flowedit"]
+    assert (f["nfe_single_edit"], f["nfe_twin_pair"], f["nfe_twin_pair_separate"]) == (2 * 4, 3 * 4, 4 * 4)
+    assert f["nfe_configured"] == f["nfe_twin_pair"]  # no original's healthy twin
 
 
 def test_embedded_backend_from_a_model_folder(capsys, monkeypatch, tmp_path, tiny_embedded_dir):
@@ -107,9 +111,20 @@ def test_embedded_backend_with_the_shipped_weights(capsys, monkeypatch, tmp_path
         find_embedded_weights()
     except FileNotFoundError:
         pytest.skip("the embedded model's weights are not installed")
-    rc, r, err = run_benchmark(capsys, monkeypatch, tmp_path, "--images", "1", "firewall.flowedit.steps=4", "firewall.flowedit.n_max=2")
+    rc, r, err = run_benchmark(capsys, monkeypatch, tmp_path, "--images", "2", "firewall.flowedit.steps=4",
+                               "firewall.flowedit.n_max=2")
     assert rc == 0, err
     check_relations(r, 3, n_max=2)
+    # The firewall's real path on the embedded model, per accepted photo: FlowEdit to the
+    # patient's own twin (2 steps x (2 source + 2 target evaluations)), the surrogate
+    # sampled from noise (4 steps x 2) and FlowEdit to its twin (2 x 4): 24, as the
+    # report and `evaluate` count it; all attempts of the gate together are at least that.
+    assert r["nfe_per_accepted_photo"] == 24
+    assert r["accepted"] + r["refused"] == 2 and r["accepted"] >= 1
+    assert r["nfe_per_photo"] >= 24 * r["accepted"] / 2
+    assert set(r["stages"]) == {"edit", "gate", "attributes", "out_of_distribution", "io_mask_calibration"}
+    assert r["stages"]["edit"] > 0 and r["stages"]["gate"] > 0
+    assert sum(r["stages"].values()) == pytest.approx(r["seconds_per_photo"], rel=0.02)
 
 
 def test_sd3_backend_from_a_diffusers_folder(capsys, monkeypatch, tmp_path):

@@ -87,7 +87,11 @@ def test_the_gate_refuses_a_surrogate_still_linked_after_every_attempt(tiny_embe
     firewall.gate = IdentityGate(settings.gate, AlwaysLinked())
     calls = []
     real = firewall._edit_batch
-    firewall._edit_batch = lambda *a, **k: calls.append(a[-1]) or real(*a, **k)
+    def recording(prepared, digests, sexes, attempt, kept):
+        calls.append(attempt)
+        return real(prepared, digests, sexes, attempt, kept)
+
+    firewall._edit_batch = recording
     result = firewall.run([PhotoRequest(render_subject(5, 1, 16).pathological, "man")])[0]
     assert result.status == "failed" and "still identifiable" in result.reason and "after 2 identities" in result.reason
     assert result.surrogate is None and result.healthy_twin is None  # fail closed: no pixels
