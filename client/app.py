@@ -1,10 +1,12 @@
 """The hospital's Flower ClientApp.
 
 A hospital answers three kinds of message, each the same way: take the run's
-configuration (composed once per run), find this hospital's de-identified pairs,
-and answer with model arrays and scalar metrics only — no file names, paths, ids
-or pixels. The metrics are the typed replies of :mod:`skinfed.hospital_replies`;
-what a round asks for comes in the message (:mod:`skinfed.round_config`).
+configuration (composed once per run) and the cores this process really has,
+find this hospital's de-identified pairs, and answer with model arrays and
+scalar metrics only — no file names, paths, ids or pixels. The metrics are the
+typed replies of :mod:`skinfed.hospital_replies`; what a round asks for (its
+epochs, FedProx's mu, the privacy ledger) comes in the message and is read
+through :class:`skinfed.round_config.TrainRound`.
 
 * ``query`` (before round 1): run the privacy firewall on the hospital's photos
   (simulation) or report how far the firewall service got (deployment);
@@ -12,7 +14,9 @@ what a round asks for comes in the message (:mod:`skinfed.round_config`).
 * ``evaluate``: score it on the hospital's validation surrogates.
 
 A hospital whose firewall is not ready answers at once with ``ready=0`` and
-``done`` of ``total`` photos instead of a model: it sits the round out, and the
+``done`` of ``total`` photos instead of a model; under patient-level DP a
+hospital whose next round would pass its epsilon budget answers with
+``budget_spent=1`` and its epsilon instead. Either sits the round out, and the
 server records it.
 """
 
@@ -36,12 +40,13 @@ from client.hospital import (
     training_seed,
 )
 from common.device import resolve_device
+from common.threads import intra_op_threads, use_threads
 from models import segmentation
 from skinfed.config import RunConfig, load_flower_run_config
 from skinfed.data import simulation_hospitals
 from skinfed.differential_privacy import dp_train_mod, without_step_counters
-from skinfed.hospital_replies import EvaluateReply, NotReady, PrepareReply, TrainReply
-from skinfed.patient_privacy import DP_RUN_KEY, PrivacyBudgetSpent, build_federated_model, is_patient_dp
+from skinfed.hospital_replies import BudgetSpent, EvaluateReply, NotReady, PrepareReply, TrainReply
+from skinfed.patient_privacy import PrivacyBudgetSpent, build_federated_model, is_patient_dp
 from skinfed.patient_privacy import train_round as train_with_patient_dp
 from skinfed.round_config import TrainRound
 
@@ -66,7 +71,7 @@ def reply_privately(handler):
     def wrapper(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
-        except (NoUsableImages, FirewallNotReady, PrivacyBudgetSpent):
+        except (NoUsableImages, FirewallNotReady):
             raise
         except Exception as exc:
             log.exception("%s failed at this hospital", handler.__name__)
@@ -82,6 +87,7 @@ def prepare(msg: Message, context: Context) -> Message:
     """Before round 1: de-identify this hospital's photos (simulation), or say how
     far the firewall service is (deployment)."""
     cfg = run_config(context)
+    use_available_cores(context)  # the firewall's model runs in this process too
     published = context.node_config.get("deidentified-path")
     if published:
         try:
@@ -103,6 +109,7 @@ def prepare(msg: Message, context: Context) -> Message:
 @reply_privately
 def train(msg: Message, context: Context) -> Message:
     cfg = run_config(context)
+    use_available_cores(context)
     try:
         hospital = local_hospital(cfg, context)
     except FirewallNotReady as exc:
@@ -110,20 +117,20 @@ def train(msg: Message, context: Context) -> Message:
     if not hospital.train:
         raise NoUsableImages(f"no de-identified images to train on ({hospital.refused} refused by the firewall)")
 
+    plan = TrainRound.from_record(msg.content["config"])  # the round as the server planned it
     model = build_federated_model(cfg)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=False)  # no step counters
-    train_round = TrainRound.from_record(msg.content["config"])
-    server_round = train_round.server_round
-    seed = training_seed(node_folder(cfg, context), server_round)
+    node = node_folder(cfg, context)
+    seed = training_seed(node, plan.server_round)
     if is_patient_dp(cfg):  # DP-SGD, accounted in this hospital's private ledger
-        result = train_with_patient_dp(model, hospital.train, cfg, node_folder(cfg, context),
-                                       str(msg.content["config"].get(DP_RUN_KEY, "")), seed=seed,
-                                       device=device_for(cfg))
+        try:
+            result = train_with_patient_dp(model, hospital.train, cfg, node, plan.dp_run, epochs=plan.local_epochs,
+                                           seed=seed, device=device_for(cfg))
+        except PrivacyBudgetSpent as spent:
+            return budget_spent_reply(msg, spent)
     else:
-        result = segmentation.train(
-            model, hospital.train, cfg.model, epochs=train_round.local_epochs, device=device_for(cfg), seed=seed,
-            proximal_mu=train_round.proximal_mu,
-        )
+        result = segmentation.train(model, hospital.train, cfg.model, epochs=plan.local_epochs,
+                                    device=device_for(cfg), seed=seed, proximal_mu=plan.proximal_mu)
     metrics = TrainReply(train_loss=result["train_loss"], num_examples=result["num_examples"],
                          firewall_accepted=hospital.accepted, firewall_refused=hospital.refused).to_record()
     metrics.update(result.get("metrics", {}))
@@ -135,6 +142,7 @@ def train(msg: Message, context: Context) -> Message:
 @reply_privately
 def evaluate(msg: Message, context: Context) -> Message:
     cfg = run_config(context)
+    use_available_cores(context)
     try:
         hospital = local_hospital(cfg, context)
     except FirewallNotReady as exc:
@@ -172,10 +180,31 @@ def run_config(context: Context) -> RunConfig:
     return cfg
 
 
+def use_available_cores(context: Context) -> int:
+    """torch's threads from the cores this process really has
+    (:func:`common.threads.intra_op_threads`); returns the count."""
+    return use_threads(intra_op_threads(hospitals_on_this_machine(context)))
+
+
+def hospitals_on_this_machine(context: Context) -> int:
+    """The simulation's hospitals share one machine (Flower's ``num-partitions``,
+    each a Ray actor with its reserved CPUs); a deployed SuperNode (``data-path``
+    or ``deidentified-path``) is one hospital on its own cores."""
+    if context.node_config.get("data-path") or context.node_config.get("deidentified-path"):
+        return 1
+    return max(1, int(context.node_config.get("num-partitions", 1)))
+
+
 def not_ready_reply(msg: Message, exc: FirewallNotReady) -> Message:
     """This hospital sits the round out: how far its firewall is, and no model."""
     log.info("%s", exc)
     return Message(RecordDict({"metrics": NotReady.of(exc.status.done, exc.status.total).to_record()}), reply_to=msg)
+
+
+def budget_spent_reply(msg: Message, spent: PrivacyBudgetSpent) -> Message:
+    """This hospital trains no more in this run: its epsilon and budget, and no model
+    (the reason's text stays in the hospital's log)."""
+    return Message(RecordDict({"metrics": BudgetSpent.of(spent.epsilon, spent.budget).to_record()}), reply_to=msg)
 
 
 def local_hospital(cfg: RunConfig, context: Context) -> HospitalData:

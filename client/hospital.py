@@ -89,7 +89,7 @@ def load_hospital(cfg: RunConfig, data_dir: str | Path, work_dir: str | Path | N
     output = node / "firewall"
     if not report_path(output).is_file():  # the server's prepare message never reached this hospital
         raise FirewallNotReady(FirewallStatus(MISSING, message="the firewall has not run on this hospital's photos"))
-    return _split(cfg, output, data_dir)
+    return _split(cfg, output, load_report(output), data_dir)
 
 
 def load_published(cfg: RunConfig, published_dir: str | Path) -> HospitalData:
@@ -98,11 +98,13 @@ def load_published(cfg: RunConfig, published_dir: str | Path) -> HospitalData:
     snapshot = snapshot_dir(published_dir, status)
     if snapshot is None:
         raise FirewallNotReady(status)
-    return _split(cfg, snapshot, None)
+    return _split(cfg, snapshot, load_report(snapshot), None)
 
 
-def _split(cfg: RunConfig, output: Path, data_dir: str | Path | None) -> HospitalData:
-    report = load_report(output)  # read once: the pairs, the labels and the counts all come from it
+def _split(cfg: RunConfig, output: Path, report: DeidentificationReport, data_dir: str | Path | None) -> HospitalData:
+    """The pairs of ``output`` split into training and validation. ``report`` is
+    the folder's report, read once by the caller: the pairs, the labels and the
+    counts all come from it."""
     pairs = load_deidentified(output, report=report)
     if cfg.data.label_source != "differential":
         pairs = relabel(pairs, label_masks(cfg, output, report, pairs, data_dir))

@@ -1,15 +1,18 @@
 """The coordinating server's Flower ServerApp.
 
-The story of a run: compose the configuration, open the run directory (or the
-one to resume), wait for the hospitals, and ask each to get its privacy firewall
-ready — the de-identification happens here, before round 1, with its own
-timeout and progress, never inside a timed round. Then flwr's strategy (FedAvg
-by default, optionally wrapped in Flower's differential privacy) runs the
-rounds. After each round the server scores the global model on held-out
-*original* identities with ground-truth masks, the paper's question: does a
-model trained on surrogates work on real patients? It checkpoints and records
-the round (which hospitals trained, failed or never answered), and at the end
-saves the final model and prints where the results are.
+The story of a run: compose the configuration (once: everything after reads
+the typed result), open the run directory (or the one to resume), wait for the
+hospitals, and ask each to get its privacy firewall ready — the
+de-identification happens here, before round 1, with its own timeout and
+progress, never inside a timed round. Then the configured strategy (a named
+class of server/strategy.py, FedAvg by default, optionally wrapped in Flower's
+differential privacy) runs the rounds, each train message carrying the round's
+plan (:mod:`skinfed.round_config`). After each round the server scores the
+global model on held-out *original* identities with ground-truth masks, the
+paper's question: does a model trained on surrogates work on real patients? It
+checkpoints and records the round (which hospitals trained, failed, stopped for
+their privacy budget or never answered), and at the end saves the final model
+and prints where the results are.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid, ServerApp
 
 from common.device import resolve_device
+from common.threads import intra_op_threads, use_threads
 from models import segmentation
 from server.run_directory import RunDirectory
 from server.strategy import NotEnoughHospitals, make_strategy
@@ -36,7 +40,7 @@ from skinfed.differential_privacy import (
     wrap_strategy,
 )
 from skinfed.hospital_replies import PrepareReply
-from skinfed.patient_privacy import build_federated_model, patient_train_config, summary_line, write_run_summary
+from skinfed.patient_privacy import build_federated_model, is_patient_dp, summary_line, write_run_summary
 from skinfed.round_config import train_config
 
 app = ServerApp()
@@ -46,6 +50,8 @@ log = logging.getLogger("skinfed.server")
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = load_flower_run_config(context.run_config)
+    # The server scores between rounds, while the hospitals wait: every core of this process.
+    use_threads(intra_op_threads())
     torch.manual_seed(cfg.seed)
     hospitals = wait_for_hospitals(grid, cfg)
     cfg = cfg.with_hospitals(len(hospitals))
@@ -93,8 +99,7 @@ def main(grid: Grid, context: Context) -> None:
                 initial_arrays=ArrayRecord(start),
                 num_rounds=rounds_left,
                 timeout=cfg.federation.round_timeout,
-                train_config=ConfigRecord({**train_config(cfg.model.local_epochs), **dp_train_config(dp),
-                                           **patient_train_config(cfg, run.path.name)}),
+                train_config=round_plan(cfg, dp, run.path.name),
                 evaluate_fn=evaluate_global,
             )
             final = result.arrays.to_torch_state_dict() if len(result.arrays) else start
@@ -116,6 +121,15 @@ def main(grid: Grid, context: Context) -> None:
         say(line)
     say(f"done: {len(run.rounds) - 1} rounds; results in {run.path}")
     say(f"  metrics: {run.path / 'metrics.json'}  curve: {run.path / 'convergence.png'}")
+
+
+def round_plan(cfg: RunConfig, dp: DpSettings, run_name: str) -> ConfigRecord:
+    """What every train message tells the hospitals (``skinfed.round_config``):
+    the round's local epochs, the patient-level DP ledger (the run directory's
+    name, kept on resume), and what Flower's clipping mods need under DP."""
+    plan = train_config(cfg.model.local_epochs, dp_run=run_name if is_patient_dp(cfg) else None)
+    plan.update(dp_train_config(dp))
+    return plan
 
 
 def dp_settings(cfg: RunConfig, hospitals: int) -> DpSettings:
@@ -193,9 +207,11 @@ def round_line(record: dict, total: int) -> str:
     # Flower's hospital-level epsilon, or the largest patient-level epsilon over the hospitals.
     value = record.get("dp_epsilon", record.get("epsilon"))
     epsilon = f" | epsilon {value:.2f}" if value is not None else ""
+    stopped = [str(entry["id"]) for entry in record.get("hospitals_dp_budget_spent") or []]
+    budget = f" ({len(stopped)} over their privacy budget: {', '.join(stopped)})" if stopped else ""
     return (f"round {record['round']}/{total}: global Dice {fmt('global_dice')} IoU {fmt('global_iou')} "
             f"(original identities) | client Dice {fmt('client_dice')} | train loss {fmt('train_loss')} | "
-            f"hospitals {record.get('clients_trained') or 0} ok, {record.get('clients_failed') or 0} failed"
+            f"hospitals {record.get('clients_trained') or 0} ok, {record.get('clients_failed') or 0} failed{budget}"
             f"{epsilon} | {record.get('seconds', 0):.0f} s")
 
 

@@ -1,16 +1,22 @@
-"""flwr's strategies (FedAvg, FedProx, FedAdam), made to report each round and to
-survive lost hospitals.
+"""The server's strategies: flwr's FedAvg, FedProx and FedAdam, each a named class
+with its own settings, made to report each round and to survive lost hospitals.
 
-The strategy is Flower's own; the subclass adds three things:
+Each strategy is registered under its name (``federation.strategy``) and built
+from its typed settings (``federation.strategies.<name>``,
+:mod:`skinfed.config`): :class:`SkinFedAvg`, :class:`SkinFedProx`,
+:class:`SkinFedAdam`. The algorithm is Flower's own; :class:`RoundAccounting`,
+mixed into each, adds three things:
 
 * accounting: it remembers which hospitals (node ids) each round's messages were
   sent to, and sorts them by what came back: ``trained`` (a reply with a model),
   ``failed`` (the ClientApp raised), ``not_ready`` (the hospital's firewall has
   not finished: a reply whose metrics say ``ready=0``, ``done`` of ``total``
-  photos, :class:`skinfed.hospital_replies.NotReady`) and ``missed`` (no reply before
-  the round timeout, or the SuperLink reported the node gone). Everything but
-  ``trained`` counts as failed; flwr's FedAvg leaves those out of the average and
-  the round goes on;
+  photos, :class:`skinfed.hospital_replies.NotReady`), ``over_budget`` (under
+  patient-level DP the hospital's next round would pass its epsilon budget: a
+  reply whose metrics say ``budget_spent=1``, :class:`skinfed.hospital_replies.BudgetSpent`)
+  and ``missed`` (no reply before the round timeout, or the SuperLink reported
+  the node gone). Everything but ``trained`` counts as failed; flwr's FedAvg
+  leaves those out of the average and the round goes on;
 * a bounded wait for hospitals: flwr waits for ``min_available_nodes`` forever
   (printing "Waiting for nodes to connect" once a second); here each round waits
   at most ``node_wait_seconds`` and then stops the run with a clear message
@@ -26,15 +32,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
+from common.config import ConfigError
 from skinfed import patient_privacy
-from skinfed.hospital_replies import SUMMED_KEYS, progress_if_not_ready
+from skinfed.config import FedAdamSettings, FedAvgSettings, FedProxSettings, RunConfig, StrategySettings
+from skinfed.hospital_replies import SUMMED_KEYS, budget_if_spent, progress_if_not_ready
 
 log = logging.getLogger("skinfed.server")
 
@@ -47,6 +56,7 @@ class NotEnoughHospitals(RuntimeError):
     """Fewer hospitals connected than a round requires, after the bounded wait."""
 
 
+# ----------------------------------------------------------------------------- the accounting
 @dataclass
 class RoundOutcome:
     """Which hospitals (node ids) a round's messages went to and what came back."""
@@ -55,18 +65,23 @@ class RoundOutcome:
     trained: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)  # the ClientApp raised
     not_ready: dict[int, tuple[int, int]] = field(default_factory=dict)  # node -> (done, total)
+    over_budget: dict[int, tuple[float, float]] = field(default_factory=dict)  # node -> (epsilon, budget)
     missed: list[int] = field(default_factory=list)  # no reply at all
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         return {
             "clients_trained": len(self.trained),
-            "clients_failed": len(self.failed) + len(self.not_ready) + len(self.missed),
+            "clients_failed": len(self.failed) + len(self.not_ready) + len(self.over_budget) + len(self.missed),
             "clients_missed": len(self.missed),
             "clients_not_ready": len(self.not_ready),
+            "clients_over_budget": len(self.over_budget),
             "hospitals_trained": sorted(self.trained),
             "hospitals_failed": sorted(self.failed),
             "hospitals_missed": sorted(self.missed),
             "hospitals_not_ready": [{"id": node, "done": d, "total": t} for node, (d, t) in sorted(self.not_ready.items())],
+            # The run directory's name for it (metrics.json, privacy.json).
+            "hospitals_dp_budget_spent": [{"id": node, "epsilon": e, "epsilon_budget": b}
+                                          for node, (e, b) in sorted(self.over_budget.items())],
         }
 
 
@@ -84,30 +99,39 @@ def classify_replies(sent: dict[str, int], replies: list[Message]) -> RoundOutco
         if node not in sent.values():
             out.sent.append(node)  # accounting without configure_train (tests): learn from the reply
         answered.add(node)
-        if not reply.has_error():
-            progress = _not_ready(reply)
-            if progress is None:
-                out.trained.append(node)
-            else:
-                out.not_ready[node] = progress
-        elif int(reply.error.code) in NO_REPLY_CODES:
-            out.missed.append(node)
+        if reply.has_error():
+            (out.missed if int(reply.error.code) in NO_REPLY_CODES else out.failed).append(node)
+        elif (progress := _not_ready(reply)) is not None:
+            out.not_ready[node] = progress
+        elif (spent := _budget_spent(reply)) is not None:
+            out.over_budget[node] = spent
         else:
-            out.failed.append(node)
+            out.trained.append(node)
     out.missed += [node for node in out.sent if node not in answered]
     out.sent = sorted(set(out.sent))
     return out
 
 
-def _not_ready(reply: Message) -> tuple[int, int] | None:
+def _metrics(reply: Message) -> Any:
     records = list(reply.content.metric_records.values())
-    return progress_if_not_ready(records[0]) if len(records) == 1 else None
+    return records[0] if len(records) == 1 else None
+
+
+def _not_ready(reply: Message) -> tuple[int, int] | None:
+    metrics = _metrics(reply)
+    return None if metrics is None else progress_if_not_ready(metrics)
+
+
+def _budget_spent(reply: Message) -> tuple[float, float] | None:
+    metrics = _metrics(reply)
+    spent = None if metrics is None else budget_if_spent(metrics)
+    return None if spent is None else (spent.epsilon, spent.epsilon_budget)
 
 
 def _with_a_model(replies: list[Message]) -> list[Message]:
     """The replies flwr's aggregation may see: errors (which it counts) and models,
-    not the answers of hospitals that are not ready (they carry no model)."""
-    return [m for m in replies if m.has_error() or _not_ready(m) is None]
+    not the answers of hospitals that sat the round out (they carry no model)."""
+    return [m for m in replies if m.has_error() or (_not_ready(m) is None and _budget_spent(m) is None)]
 
 
 def combine_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -129,113 +153,176 @@ def combine_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRe
     return out
 
 
-def recording_strategy(base: type[FedAvg], *, node_wait_seconds: float, **kwargs) -> FedAvg:
-    """An instance of ``base`` (FedAvg or a subclass) with the accounting and the
-    bounded wait described above; ``kwargs`` go to ``base``. Per-round summaries
-    land in ``strategy.train_summary[round]`` and ``strategy.evaluate_summary[round]``."""
+class RoundAccounting:
+    """What every strategy of the project adds to flwr's (see the module's
+    docstring); mixed in before the flwr class: ``class SkinFedX(RoundAccounting, FedX)``.
+    Per-round summaries land in ``train_summary[round]`` and ``evaluate_summary[round]``."""
 
-    class Recording(base):  # type: ignore[misc, valid-type]
-        def __init__(self, **inner) -> None:
-            super().__init__(**inner)
-            self.node_wait_seconds = float(node_wait_seconds)
-            self.train_summary: dict[int, dict] = {}
-            self.evaluate_summary: dict[int, dict] = {}
-            self._sent: dict[tuple[str, int], list[Message]] = {}
+    #: The settings type this strategy is built from (its name is ``federation.strategy``).
+    settings_type: ClassVar[type]
+    min_available_nodes: int
 
-        # -- a bounded wait instead of flwr's endless one ----------------------------------
-        def _wait_for_hospitals(self, grid: Grid, phase: str, server_round: int) -> int:
-            need = self.min_available_nodes
-            deadline = time.monotonic() + self.node_wait_seconds
-            said = False
-            while (have := len(list(grid.get_node_ids()))) < need and time.monotonic() < deadline:
-                if not said:
-                    log.warning("round %d (%s): %d of the %d hospitals a round requires are connected; waiting up "
-                                "to %.0f s", server_round, phase, have, need, self.node_wait_seconds)
-                    said = True
-                time.sleep(1.0)
-            if have < need:
-                raise NotEnoughHospitals(
-                    f"round {server_round} ({phase}): {have} hospital(s) connected after waiting "
-                    f"{self.node_wait_seconds:.0f} s, {need} required per round. Start the missing SuperNodes and "
-                    "resume the run (federation.resume=latest), or lower federation.min_available_hospitals.")
-            return have
+    def __init__(self, *, node_wait_seconds: float, **flwr_settings: Any) -> None:
+        flwr_settings.setdefault("train_metrics_aggr_fn", combine_metrics)
+        flwr_settings.setdefault("evaluate_metrics_aggr_fn", combine_metrics)
+        super().__init__(**flwr_settings)
+        self.node_wait_seconds = float(node_wait_seconds)
+        self.train_summary: dict[int, dict[str, Any]] = {}
+        self.evaluate_summary: dict[int, dict[str, Any]] = {}
+        self._sent: dict[tuple[str, int], list[Message]] = {}
 
-        def _configure(self, phase: str, server_round: int, grid: Grid, configure) -> list[Message]:
-            have = self._wait_for_hospitals(grid, phase, server_round)
-            need = self.min_available_nodes
-            # flwr's sample_nodes waits again; a hospital lost since the check must not make that endless.
-            self.min_available_nodes = min(need, max(have, 1))
-            try:
-                messages = list(configure())
-            finally:
-                self.min_available_nodes = need
-            self._sent[(phase, server_round)] = messages  # flwr's grid sets their message ids when pushing
-            return messages
+    # -- a bounded wait instead of flwr's endless one ----------------------------------
+    def _wait_for_hospitals(self, grid: Grid, phase: str, server_round: int) -> int:
+        need = self.min_available_nodes
+        deadline = time.monotonic() + self.node_wait_seconds
+        said = False
+        while (have := len(list(grid.get_node_ids()))) < need and time.monotonic() < deadline:
+            if not said:
+                log.warning("round %d (%s): %d of the %d hospitals a round requires are connected; waiting up "
+                            "to %.0f s", server_round, phase, have, need, self.node_wait_seconds)
+                said = True
+            time.sleep(1.0)
+        if have < need:
+            raise NotEnoughHospitals(
+                f"round {server_round} ({phase}): {have} hospital(s) connected after waiting "
+                f"{self.node_wait_seconds:.0f} s, {need} required per round. Start the missing SuperNodes and "
+                "resume the run (federation.resume=latest), or lower federation.min_available_hospitals.")
+        return have
 
-        def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                            grid: Grid) -> Iterable[Message]:
-            return self._configure("train", server_round, grid,
-                                   lambda: super(Recording, self).configure_train(server_round, arrays, config, grid))
+    def _configure(self, phase: str, server_round: int, grid: Grid,
+                   configure: Callable[[], Iterable[Message]]) -> list[Message]:
+        have = self._wait_for_hospitals(grid, phase, server_round)
+        need = self.min_available_nodes
+        # flwr's sample_nodes waits again; a hospital lost since the check must not make that endless.
+        self.min_available_nodes = min(need, max(have, 1))
+        try:
+            messages = list(configure())
+        finally:
+            self.min_available_nodes = need
+        self._sent[(phase, server_round)] = messages  # flwr's grid sets their message ids when pushing
+        return messages
 
-        def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                               grid: Grid) -> Iterable[Message]:
-            return self._configure("evaluate", server_round, grid,
-                                   lambda: super(Recording, self).configure_evaluate(server_round, arrays, config, grid))
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return self._configure("train", server_round, grid,
+                               lambda: super(RoundAccounting, self).configure_train(  # type: ignore[misc]
+                                   server_round, arrays, config, grid))
 
-        def _outcome(self, phase: str, server_round: int, replies: list[Message]) -> RoundOutcome:
-            sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent.pop((phase, server_round), [])
-                    if m.metadata.message_id}
-            return classify_replies(sent, replies)
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self._configure("evaluate", server_round, grid,
+                               lambda: super(RoundAccounting, self).configure_evaluate(  # type: ignore[misc]
+                                   server_round, arrays, config, grid))
 
-        # -- accounting ------------------------------------------------------------------------
-        def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-            replies = list(replies)
-            arrays, metrics = super().aggregate_train(server_round, _with_a_model(replies))
-            outcome = self._outcome("train", server_round, replies)
-            summary = {**outcome.summary(), **{k: float(v) for k, v in (metrics or {}).items()
-                                               if k in SUMMED_KEYS or k == "train_loss"}}
-            summary.update(patient_privacy.round_summary(replies))  # epsilon per hospital (patient-level DP)
-            self.train_summary[server_round] = summary
-            if summary["clients_failed"]:
-                log.warning(
-                    "round %d: %d of %d hospital(s) left out of the average: failed %s, not ready %s, no reply %s",
-                    server_round, summary["clients_failed"], len(outcome.sent), outcome.failed or "-",
-                    {n: f"{d} of {t} photos done" for n, (d, t) in outcome.not_ready.items()} or "-",
-                    outcome.missed or "-")
-            return arrays, metrics
+    def _outcome(self, phase: str, server_round: int, replies: list[Message]) -> RoundOutcome:
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent.pop((phase, server_round), [])
+                if m.metadata.message_id}
+        return classify_replies(sent, replies)
 
-        def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-            replies = list(replies)
-            metrics = super().aggregate_evaluate(server_round, _with_a_model(replies))
-            outcome = self._outcome("evaluate", server_round, replies)
-            self.evaluate_summary[server_round] = {
-                **{k: float(v) for k, v in (metrics or {}).items()},
-                "clients_evaluated": len(outcome.trained),
-            }
-            return metrics
+    # -- accounting ------------------------------------------------------------------------
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, _with_a_model(replies))  # type: ignore[misc]
+        outcome = self._outcome("train", server_round, replies)
+        summary = {**outcome.summary(), **{k: float(v) for k, v in (metrics or {}).items()
+                                           if k in SUMMED_KEYS or k == "train_loss"}}
+        summary.update(patient_privacy.round_summary(replies))  # epsilon per hospital (patient-level DP)
+        self.train_summary[server_round] = summary
+        if summary["clients_failed"]:
+            log.warning(
+                "round %d: %d of %d hospital(s) left out of the average: failed %s, not ready %s, over their "
+                "privacy budget %s, no reply %s",
+                server_round, summary["clients_failed"], len(outcome.sent), outcome.failed or "-",
+                {n: f"{d} of {t} photos done" for n, (d, t) in outcome.not_ready.items()} or "-",
+                {n: f"epsilon {e:.3g} of {b:.3g}" for n, (e, b) in outcome.over_budget.items()} or "-",
+                outcome.missed or "-")
+        return arrays, metrics
 
-    kwargs.setdefault("train_metrics_aggr_fn", combine_metrics)
-    kwargs.setdefault("evaluate_metrics_aggr_fn", combine_metrics)
-    return Recording(**kwargs)
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        metrics = super().aggregate_evaluate(server_round, _with_a_model(replies))  # type: ignore[misc]
+        outcome = self._outcome("evaluate", server_round, replies)
+        self.evaluate_summary[server_round] = {
+            **{k: float(v) for k, v in (metrics or {}).items()},
+            "clients_evaluated": len(outcome.trained),
+        }
+        return metrics
 
 
-def make_strategy(cfg, required_hospitals: int, node_wait_seconds: float | None = None) -> FedAvg:
-    """The configured flwr strategy (``cfg.federation``), waiting at most
+# ----------------------------------------------------------------------------- the strategies
+#: The strategy classes by name (``federation.strategy``), one per registered settings type.
+STRATEGIES: dict[str, type[RoundAccounting]] = {}
+_Strategy = TypeVar("_Strategy", bound=type[RoundAccounting])
+
+
+def registered(cls: _Strategy) -> _Strategy:
+    """Register a strategy class under its settings' name."""
+    STRATEGIES[cls.settings_type.name] = cls
+    return cls
+
+
+@registered
+class SkinFedAvg(RoundAccounting, FedAvg):
+    """FedAvg: the average of the hospitals' models, weighted by their training pairs."""
+
+    settings_type = FedAvgSettings
+
+    def __init__(self, settings: FedAvgSettings, **common: Any) -> None:
+        super().__init__(**common)
+
+
+@registered
+class SkinFedProx(RoundAccounting, FedProx):
+    """FedProx: flwr sends ``proximal-mu`` with every train message
+    (``skinfed.round_config.PROXIMAL_MU``) and each hospital adds the proximal term."""
+
+    settings_type = FedProxSettings
+
+    def __init__(self, settings: FedProxSettings, **common: Any) -> None:
+        super().__init__(proximal_mu=settings.proximal_mu, **common)
+
+
+@registered
+class SkinFedAdam(RoundAccounting, FedAdam):
+    """FedAdam: Adam on the server over the hospitals' average update."""
+
+    settings_type = FedAdamSettings
+
+    def __init__(self, settings: FedAdamSettings, **common: Any) -> None:
+        super().__init__(eta=settings.eta, beta_1=settings.beta_1, beta_2=settings.beta_2, tau=settings.tau, **common)
+
+
+def strategy_class(name: str) -> type[RoundAccounting]:
+    """The strategy class registered as ``name``; a ConfigError listing the registered names."""
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ConfigError(f"federation.strategy={name!r} is not a registered strategy; registered: "
+                          f"{', '.join(sorted(STRATEGIES))}") from None
+
+
+def build_strategy(name: str, settings: StrategySettings, **common: Any) -> RoundAccounting:
+    """Strategy ``name`` from its settings; ``common`` are the settings every
+    strategy takes (``node_wait_seconds`` and flwr's sampling)."""
+    cls = strategy_class(name)
+    if not isinstance(settings, cls.settings_type):
+        raise ConfigError(f"federation.strategy={name} takes {cls.settings_type.__name__}, not "
+                          f"{type(settings).__name__}")
+    return cls(settings, **common)
+
+
+def make_strategy(cfg: RunConfig, required_hospitals: int, node_wait_seconds: float | None = None) -> RoundAccounting:
+    """The configured strategy (``cfg.federation``), waiting at most
     ``node_wait_seconds`` (default ``federation.connect_timeout``) per round for
     ``required_hospitals`` hospitals (``federation.required_hospitals(connected)``)."""
     f = cfg.federation
-    base, extra = {
-        "fedavg": (FedAvg, {}),
-        "fedprox": (FedProx, {"proximal_mu": f.proximal_mu}),
-        "fedadam": (FedAdam, {"eta": f.server_learning_rate}),
-    }[f.strategy]
-    return recording_strategy(
-        base,
+    return build_strategy(
+        f.strategy, f.strategy_settings,
         node_wait_seconds=f.connect_timeout if node_wait_seconds is None else node_wait_seconds,
         fraction_train=f.fraction_train,
         fraction_evaluate=f.fraction_evaluate,
         min_train_nodes=1,
         min_evaluate_nodes=1 if f.fraction_evaluate > 0 else 0,
         min_available_nodes=required_hospitals,
-        **extra,
     )

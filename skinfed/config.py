@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -25,8 +26,9 @@ from models.segmentation import SegmentationSettings
 from privacy_firewall.settings import MOVED_KEYS, FirewallSettings, firewall_settings
 
 __all__ = [
-    "ConfigError", "DataSettings", "DifferentialPrivacySettings", "FederationSettings", "RunConfig",
-    "compose", "load_flower_run_config", "load_run_config", "load_saved_config", "parse_overrides",
+    "STRATEGY_SETTINGS", "ConfigError", "DataSettings", "DifferentialPrivacySettings", "FedAdamSettings",
+    "FedAvgSettings", "FedProxSettings", "FederationSettings", "RunConfig", "StrategySettings", "compose",
+    "load_flower_run_config", "load_run_config", "load_saved_config", "parse_overrides", "strategy_settings",
 ]
 
 
@@ -115,6 +117,90 @@ class DifferentialPrivacySettings:
                               f"federation.dp.target_epsilon={self.target_epsilon}: the run could never finish")
 
 
+# ----------------------------------------------------------------------------- strategies
+# Each strategy the server can run has a name (``federation.strategy``) and its
+# own settings (``federation.strategies.<name>``), typed and checked here; the
+# class that runs it (server/strategy.py) is registered under the same name.
+@dataclass(frozen=True)
+class FedAvgSettings:
+    """FedAvg (McMahan et al. 2017): the average of the hospitals' models weighted
+    by their training pairs; nothing to set."""
+
+    name: ClassVar[str] = "fedavg"
+    #: Why patient-level DP cannot run with this strategy (None: it can).
+    patient_dp_conflict: ClassVar[Optional[str]] = None
+
+
+@dataclass(frozen=True)
+class FedProxSettings:
+    """FedProx (Li et al. 2020): each hospital adds ``proximal_mu / 2 ||w - w_global||^2``
+    to its loss, pulling its model towards the global one."""
+
+    proximal_mu: float
+
+    name: ClassVar[str] = "fedprox"
+    # Opacus noises the per-sample loss gradients only: a proximal term would go unaccounted.
+    patient_dp_conflict: ClassVar[Optional[str]] = "DP-SGD would leave its proximal term out of the accounting"
+
+    def __post_init__(self) -> None:
+        if not self.proximal_mu > 0 or not math.isfinite(self.proximal_mu):
+            raise ConfigError(f"federation.strategies.fedprox.proximal_mu={self.proximal_mu} must be a number > 0 "
+                              "(0 is plain FedAvg: use federation.strategy=fedavg)")
+
+
+@dataclass(frozen=True)
+class FedAdamSettings:
+    """FedAdam (Reddi et al. 2021): the server treats the hospitals' average update
+    as a gradient for Adam with learning rate ``eta``, moment decays ``beta_1`` and
+    ``beta_2`` and adaptivity ``tau``. (The hospitals' own learning rate is
+    ``model.learning_rate``: flwr's ``eta_l`` is not used.)"""
+
+    eta: float
+    beta_1: float
+    beta_2: float
+    tau: float
+
+    name: ClassVar[str] = "fedadam"
+    patient_dp_conflict: ClassVar[Optional[str]] = None
+
+    def __post_init__(self) -> None:
+        for key in ("eta", "tau"):
+            value = getattr(self, key)
+            if not value > 0 or not math.isfinite(value):
+                raise ConfigError(f"federation.strategies.fedadam.{key}={value} must be a number > 0")
+        for key in ("beta_1", "beta_2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"federation.strategies.fedadam.{key}={getattr(self, key)} must be in [0, 1)")
+
+
+StrategySettings = Union[FedAvgSettings, FedProxSettings, FedAdamSettings]
+#: The registered strategies' settings, by name (``federation.strategy``).
+STRATEGY_SETTINGS: dict[str, type] = {s.name: s for s in (FedAvgSettings, FedProxSettings, FedAdamSettings)}
+#: Earlier spellings of two strategy settings, still read (a saved run's
+#: config.yaml, old overrides): ``federation.<key>`` -> ``federation.strategies.<name>.<key>``.
+STRATEGY_ALIASES: dict[str, tuple[str, str]] = {
+    "proximal_mu": ("fedprox", "proximal_mu"),
+    "server_learning_rate": ("fedadam", "eta"),
+}
+
+
+def strategy_settings(name: str, sections: Mapping[str, Any]) -> StrategySettings:
+    """The settings of strategy ``name``, every given section of
+    ``federation.strategies`` typed and checked; a ConfigError listing the
+    registered strategies for a name that is none of them."""
+    registered = ", ".join(sorted(STRATEGY_SETTINGS))
+    if name not in STRATEGY_SETTINGS:
+        raise ConfigError(f"federation.strategy={name!r} is not a registered strategy; registered: {registered}")
+    unknown = sorted(set(sections) - set(STRATEGY_SETTINGS))
+    if unknown:
+        raise ConfigError(f"federation.strategies.{unknown[0]} is not a registered strategy; registered: {registered}")
+    typed_sections = {key: typed(STRATEGY_SETTINGS[key], sections[key] or {}, f"federation.strategies.{key}")
+                      for key in sections}
+    if name not in typed_sections:
+        typed_sections[name] = typed(STRATEGY_SETTINGS[name], {}, f"federation.strategies.{name}")
+    return typed_sections[name]
+
+
 @dataclass
 class FederationSettings:
     """The federation (``conf/federation/default.yaml``)."""
@@ -123,9 +209,11 @@ class FederationSettings:
     # each node's num-partitions); a number fixes it (checked against the nodes).
     num_hospitals: Optional[int]
     num_rounds: int
-    strategy: str
-    proximal_mu: float
-    server_learning_rate: float
+    strategy: str  # a name of STRATEGY_SETTINGS
+    strategies: dict[str, Any]  # each strategy's own settings, by name
+    # STRATEGY_ALIASES: folded into ``strategies`` when given (null: not given).
+    proximal_mu: Optional[float]
+    server_learning_rate: Optional[float]
     fraction_train: float
     fraction_evaluate: float
     # Hospitals that must answer for a round to count: a number, or "majority".
@@ -145,7 +233,9 @@ class FederationSettings:
         if self.num_hospitals is not None:
             check_positive("federation.num_hospitals", self.num_hospitals)
         check_positive("federation.num_rounds", self.num_rounds)
-        check_choice("federation.strategy", self.strategy, ("fedavg", "fedprox", "fedadam"))
+        self._fold_strategy_aliases()
+        #: The chosen strategy's typed settings (server/strategy.py builds it from them).
+        self.strategy_settings: StrategySettings = strategy_settings(self.strategy, self.strategies)
         check_choice("federation.partitioning", self.partitioning, ("dirichlet", "iid"))
         check_positive("federation.dirichlet_alpha", self.dirichlet_alpha)
         for key in self.skew_by:
@@ -159,10 +249,11 @@ class FederationSettings:
         check_positive("federation.client_resources.num_cpus", self.client_resources.num_cpus)
         check_positive("federation.client_resources.num_gpus", self.client_resources.num_gpus, allow_zero=True)
         check_choice("federation.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
-        if self.dp.mode == "patient" and self.strategy == "fedprox":
-            # Opacus noises the per-sample loss gradients only: a proximal term would go unaccounted.
-            raise ConfigError("federation.dp.mode=patient does not support federation.strategy=fedprox: "
-                              "use fedavg or fedadam")
+        conflict = type(self.strategy_settings).patient_dp_conflict
+        if self.dp.mode == "patient" and conflict:
+            usable = ", ".join(n for n, s in sorted(STRATEGY_SETTINGS.items()) if not s.patient_dp_conflict)
+            raise ConfigError(f"federation.dp.mode=patient does not support federation.strategy={self.strategy} "
+                              f"({conflict}): use {usable}")
         m = self.min_available_hospitals
         if m != "majority":
             try:
@@ -177,6 +268,18 @@ class FederationSettings:
                     f"({self.num_hospitals if self.num_hospitals is not None else 'as many as connect'}), or majority"
                 )
             self.min_available_hospitals = m
+
+    def _fold_strategy_aliases(self) -> None:
+        """An earlier spelling that was given wins over the section's value (a saved
+        run's config.yaml has only the old key), and is cleared: the resolved
+        configuration keeps each value in one place."""
+        sections = {name: dict(section or {}) for name, section in (self.strategies or {}).items()}
+        for old, (name, key) in STRATEGY_ALIASES.items():
+            value = getattr(self, old)
+            if value is not None:
+                sections.setdefault(name, {})[key] = value
+                setattr(self, old, None)
+        self.strategies = sections
 
     def required_hospitals(self, connected: int) -> int:
         """Hospitals needed for a round, out of ``connected`` (or num_hospitals)."""

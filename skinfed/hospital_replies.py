@@ -9,7 +9,9 @@ weighted by Flower's ``num-examples``.
 
 A hospital whose firewall has not finished answers a train or evaluate message
 with :class:`NotReady` (``ready=0``, ``done`` of ``total`` photos) instead of a
-model: the server reads the fields, never an error text.
+model; under patient-level DP a hospital whose next round would pass its epsilon
+budget answers a train message with :class:`BudgetSpent` (``budget_spent=1`` and
+its epsilon). The server reads the fields, never an error text.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ NUM_EXAMPLES = "num-examples"
 #: ``0`` in :class:`NotReady`, ``1`` in a ready :class:`PrepareReply`; train and
 #: evaluate replies with a model do not carry it.
 READY = "ready"
+#: ``1`` in :class:`BudgetSpent`; no other reply carries it.
+BUDGET_SPENT = "budget_spent"
 
 
 def _field(key: str | None = None, combine: str = "mean") -> Any:
@@ -83,6 +87,22 @@ class NotReady(Reply):
 
 
 @dataclass(frozen=True)
+class BudgetSpent(Reply):
+    """A train message to a hospital whose next round would take its patient-level
+    epsilon past its budget (``federation.dp.max_epsilon``, or a
+    ``target_epsilon`` no noise can keep): it trains nothing, sends no model and
+    says where it stands."""
+
+    budget_spent: int = _field()  # always 1
+    epsilon: float = _field()  # spent in this run so far
+    epsilon_budget: float = _field()  # the budget the next round would pass
+
+    @classmethod
+    def of(cls, epsilon: float, budget: float) -> BudgetSpent:
+        return cls(1, float(epsilon), float(budget))
+
+
+@dataclass(frozen=True)
 class TrainReply(Reply):
     """A hospital's training round."""
 
@@ -103,9 +123,11 @@ class EvaluateReply(Reply):
 
 
 #: Every reply's fields that are counts: summed over the hospitals, never averaged.
-SUMMED_KEYS: tuple[str, ...] = tuple(sorted({wire_key(f) for reply in (PrepareReply, NotReady, TrainReply, EvaluateReply)
+SUMMED_KEYS: tuple[str, ...] = tuple(sorted({wire_key(f) for reply in (PrepareReply, NotReady, BudgetSpent, TrainReply,
+                                                                       EvaluateReply)
                                              for f in fields(reply) if f.metadata["combine"] == "sum"}))
-#: Everything a hospital ever sends the server (docs/deployment.md lists them).
+#: Everything a hospital sends the server without patient-level DP (docs/deployment.md
+#: lists them); patient-level DP adds its accounting and :class:`BudgetSpent`.
 SENT_KEYS: tuple[str, ...] = tuple(sorted({k for reply in (PrepareReply, NotReady, TrainReply, EvaluateReply)
                                            for k in reply.keys()}))
 
@@ -115,4 +137,11 @@ def progress_if_not_ready(record: Any) -> tuple[int, int] | None:
     firewall is not ready, else None."""
     if READY in record and int(record[READY]) == 0:
         return int(record.get("done", 0)), int(record.get("total", 0))
+    return None
+
+
+def budget_if_spent(record: Any) -> BudgetSpent | None:
+    """The :class:`BudgetSpent` that ``record`` (a reply's MetricRecord) is, else None."""
+    if BUDGET_SPENT in record and int(record[BUDGET_SPENT]) == 1:
+        return BudgetSpent.from_record(record)
     return None

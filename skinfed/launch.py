@@ -8,10 +8,13 @@ It composes ``conf/`` with the overrides (a bad key fails here, before anything
 starts), then runs
 
     flwr run . --stream --run-config 'overrides="..."' \\
-        --federation-config 'num-supernodes=N client-resources-num-cpus=C client-resources-num-gpus=G'
+        --federation-config 'num-supernodes=N client-resources-num-cpus=C client-resources-num-gpus=G init-args-num-cpus=K'
 
 so the number of simulated SuperNodes always equals federation.num_hospitals
-(DEFAULT_HOSPITALS when it is null: plain `flwr run .` starts Flower's default of 2).
+(DEFAULT_HOSPITALS when it is null: plain `flwr run .` starts Flower's default of 2),
+and Ray schedules the hospitals on the K cores this process may really run on
+(its affinity; Ray itself would count every core of the machine): at most K / C
+hospitals train at once, each with C threads (common.threads).
 flwr starts a local SuperLink in the background when none is running; this
 command stops the one it started (``--keep-superlink`` leaves it for the next
 run). Exit code 0 when the run finished and wrote its results, 1 when it did
@@ -39,11 +42,15 @@ RESULTS_LINE = re.compile(r"results in (\S+)")
 SUPERLINK_HEALTH = "http://127.0.0.1:{port}/health"
 
 
-def flwr_command(overrides: list[str], app_dir: Path, num_hospitals: int, num_cpus: float, num_gpus: float) -> list[str]:
-    """The `flwr run` command line for these overrides."""
+def flwr_command(overrides: list[str], app_dir: Path, num_hospitals: int, num_cpus: float, num_gpus: float,
+                 ray_cpus: int | None = None) -> list[str]:
+    """The `flwr run` command line for these overrides; ``ray_cpus``: the CPUs Ray
+    may schedule the hospitals on (None: Ray's own count)."""
     flwr = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
     run_config = "overrides=" + json.dumps(" ".join(_quote(o) for o in overrides))  # a TOML string
     federation = f"num-supernodes={num_hospitals} client-resources-num-cpus={num_cpus} client-resources-num-gpus={num_gpus}"
+    if ray_cpus is not None:
+        federation += f" init-args-num-cpus={int(ray_cpus)}"
     return [flwr, "run", str(app_dir), "--stream", "--run-config", run_config, "--federation-config", federation]
 
 
@@ -123,6 +130,7 @@ def main(argv: list[str] | None = None, log_file: str | Path | None = None) -> i
     args = parser.parse_args(argv)
 
     from common.config import reject_foreign_overrides
+    from common.threads import available_cores
     from skinfed.config import RUN_PARTS, ConfigError, load_run_config
 
     try:
@@ -137,7 +145,9 @@ def main(argv: list[str] | None = None, log_file: str | Path | None = None) -> i
         return 2
     res = cfg.federation.client_resources
     hospitals = cfg.federation.num_hospitals or DEFAULT_HOSPITALS
-    cmd = flwr_command(args.overrides, Path(args.app), hospitals, res.num_cpus, res.num_gpus)
+    # At least one hospital's reservation, so that one always fits (then it runs alone).
+    ray_cpus = max(available_cores(), int(res.num_cpus))
+    cmd = flwr_command(args.overrides, Path(args.app), hospitals, res.num_cpus, res.num_gpus, ray_cpus=ray_cpus)
 
     env = dict(os.environ)
     # The project is installed already: no per-run `uv sync` of torch & co. No telemetry.

@@ -12,10 +12,13 @@ all runs it ever trained in.
 
 What goes to the server is the DP-SGD update and numbers that say nothing more
 about a patient: epsilon, the accounting parameters
-(sampling rate, noise multiplier, steps, delta, an accountant code), or a
-"privacy budget spent" refusal with its epsilons. The server keeps, per round,
-the largest epsilon over the hospitals and that hospital's accounting
-(``metrics.json``), and the run's per-hospital epsilons (``privacy.json``).
+(sampling rate, noise multiplier, steps, delta, an accountant code), or, from a
+hospital whose next round would pass its budget, no update and a typed
+refusal (:class:`skinfed.hospital_replies.BudgetSpent`: its epsilon and the
+budget). The server keeps, per round, the largest epsilon over the hospitals and
+that hospital's accounting (``metrics.json``), the hospitals that stopped for
+their budget (its strategy's round accounting), and the run's per-hospital
+epsilons and budget stops (``privacy.json``).
 
 delta: ``federation.dp.delta``, capped at 1 / (the hospital's training pairs),
 the smallest over the run's rounds (so one delta holds for the whole ledger).
@@ -31,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,17 +52,21 @@ LEDGER_FORMAT = 1
 #: A MetricRecord holds numbers only: the accountant travels as a code.
 ACCOUNTANT_CODES = {"rdp": 1}
 ACCOUNTANT_NAMES = {code: name for name, code in ACCOUNTANT_CODES.items()}
-#: Train-config key: which run's ledger this round counts in (the run directory's name).
-DP_RUN_KEY = "dp-run"
+#: The ledger of a round whose train message names no run (skinfed.round_config.DP_RUN).
 DEFAULT_RUN_KEY = "default"
-#: The refusal's text, the only part of a hospital's error the server reads for it.
-BUDGET_SPENT = "privacy budget spent"
-BUDGET_SPENT_PATTERN = re.compile(BUDGET_SPENT + r": epsilon ([0-9.]+) after this round .*?spent ([0-9.]+)\)")
 RUN_SUMMARY_NAME = "privacy.json"
 
 
 class PrivacyBudgetSpent(RuntimeError):
-    """This hospital's next round would take its epsilon past ``federation.dp.max_epsilon``."""
+    """This hospital's next round would take its epsilon past its budget
+    (``federation.dp.max_epsilon``, or a ``target_epsilon`` no noise can keep):
+    ``epsilon`` spent so far in this run, ``budget`` the limit. The text is for the
+    hospital's log; the server gets the numbers (a BudgetSpent reply)."""
+
+    def __init__(self, message: str, *, epsilon: float, budget: float) -> None:
+        super().__init__(message)
+        self.epsilon = float(epsilon)
+        self.budget = float(budget)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -75,11 +81,6 @@ def build_federated_model(cfg: Any) -> nn.Module:
 
     model = segmentation.build_model(cfg.model)
     return private_training.make_private_compatible(model) if is_patient_dp(cfg) else model
-
-
-def patient_train_config(cfg: Any, run_name: str) -> dict[str, str]:
-    """Train-config entries the hospitals need under patient DP (empty otherwise)."""
-    return {DP_RUN_KEY: run_name} if is_patient_dp(cfg) else {}
 
 
 # ----------------------------------------------------------------------------- the ledger
@@ -161,37 +162,40 @@ def noise_for_round(dp: Any, ledger: PrivacyLedger, sample_rate: float, steps: i
     except ValueError as exc:
         log.warning("this hospital refuses to train: no noise keeps federation.dp.target_epsilon=%s (%s)",
                     dp.target_epsilon, exc)
-        raise PrivacyBudgetSpent(f"{BUDGET_SPENT}: epsilon {ledger.epsilon(delta):.4f} after this round would pass "
-                                 f"federation.dp.target_epsilon={dp.target_epsilon} ({exc}; spent "
-                                 f"{ledger.epsilon(delta):.4f})") from None
+        spent = ledger.epsilon(delta)
+        raise PrivacyBudgetSpent(f"privacy budget spent: no noise keeps federation.dp.target_epsilon="
+                                 f"{dp.target_epsilon} over the rounds left ({exc}; spent {spent:.4f})",
+                                 epsilon=spent, budget=float(dp.target_epsilon)) from None
     ledger.calibration = {"noise_multiplier": z, "sample_rate": sample_rate, "steps": steps, "delta": delta,
                           "target_epsilon": float(dp.target_epsilon), "rounds": rounds_left}
     return z
 
 
 def train_round(model: nn.Module, pairs: list, cfg: Any, node: str | Path, run: str, *, seed: int,
-                device: str = "cpu") -> dict[str, Any]:
-    """One round of DP-SGD at a hospital, accounted in its ledger. Returns
+                epochs: int | None = None, device: str = "cpu") -> dict[str, Any]:
+    """One round of DP-SGD at a hospital, ``epochs`` local epochs (the server's
+    round plan; default ``model.local_epochs``), accounted in its ledger. Returns
     ``train_loss``, ``num_examples`` and ``metrics`` (numbers for the server);
     raises :class:`PrivacyBudgetSpent` (and trains nothing) when the round would
     pass ``federation.dp.max_epsilon``."""
     dp, model_cfg = cfg.federation.dp, cfg.model
+    epochs = model_cfg.local_epochs if epochs is None else int(epochs)
     ledger = PrivacyLedger.load(node, run or DEFAULT_RUN_KEY)
     n = len(pairs)
     delta = min(delta_for(dp.delta, n), ledger.delta or 1.0)
     sample_rate = private_training.sample_rate_for(n, model_cfg.batch_size)
-    steps = private_training.steps_per_round(n, model_cfg.batch_size, model_cfg.local_epochs)
+    steps = private_training.steps_per_round(n, model_cfg.batch_size, epochs)
     noise = noise_for_round(dp, ledger, sample_rate, steps, cfg.federation.num_rounds, delta)
     spent = ledger.epsilon(delta)
     projected = private_training.epsilon_of([*ledger.history, (noise, sample_rate, steps)], delta)
     if dp.max_epsilon is not None and projected > dp.max_epsilon:
-        message = (f"{BUDGET_SPENT}: epsilon {projected:.4f} after this round would pass "
+        message = (f"privacy budget spent: epsilon {projected:.4f} after this round would pass "
                    f"federation.dp.max_epsilon={dp.max_epsilon} (rounds trained {len(ledger.rounds)}, "
                    f"spent {spent:.4f})")
         log.warning("this hospital refuses to train: %s", message)
-        raise PrivacyBudgetSpent(message)
+        raise PrivacyBudgetSpent(message, epsilon=spent, budget=float(dp.max_epsilon))
     done = private_training.train_private(model, pairs, model_cfg, noise_multiplier=noise,
-                                          max_grad_norm=dp.max_grad_norm, device=device, seed=seed)
+                                          max_grad_norm=dp.max_grad_norm, epochs=epochs, device=device, seed=seed)
     ledger.record(done, delta)
     epsilon = ledger.epsilon(delta)
     history = ledger.history
@@ -225,28 +229,24 @@ def accounting_metrics(history: list[HistoryEntry], delta: float, epsilon: float
 # ----------------------------------------------------------------------------- the server's view
 def round_summary(replies: Iterable[Any]) -> dict[str, Any]:
     """From one round's train replies (Flower Messages): ``epsilon`` (the largest
-    over the hospitals), ``dp_accounting`` (that hospital's), each hospital's
-    epsilon by node id, and the hospitals that refused for their budget. Empty
-    when no hospital reports patient-level DP."""
+    over the hospitals that trained), ``dp_accounting`` (that hospital's) and each
+    hospital's epsilon by node id. Empty when no hospital reports patient-level
+    DP. (The hospitals that refused for their budget are the strategy's round
+    accounting: server/strategy.py.)"""
     per_hospital: dict[int, dict[str, Any]] = {}
-    refused: list[dict[str, Any]] = []
     for reply in replies:
-        node = int(reply.metadata.src_node_id)
         if reply.has_error():
-            found = BUDGET_SPENT_PATTERN.search(reply.error.reason or "")
-            if found:
-                refused.append({"id": node, "epsilon_next": float(found.group(1)), "epsilon": float(found.group(2))})
             continue
         metrics = next(iter(reply.content.metric_records.values()), {})
         if "epsilon" in metrics and "dp_accountant" in metrics:
+            node = int(reply.metadata.src_node_id)
             per_hospital[node] = {k: metrics[k] for k in metrics if k == "epsilon" or k.startswith("dp_")}
-    if not per_hospital and not refused:
+    if not per_hospital:
         return {}
-    out: dict[str, Any] = {"hospitals_dp_budget_spent": sorted(refused, key=lambda r: r["id"])}
-    if per_hospital:
-        node, worst = max(per_hospital.items(), key=lambda item: float(item[1]["epsilon"]))
-        out["epsilon"] = float(worst["epsilon"])
-        out["dp_accounting"] = {
+    node, worst = max(per_hospital.items(), key=lambda item: float(item[1]["epsilon"]))
+    return {
+        "epsilon": float(worst["epsilon"]),
+        "dp_accounting": {
             "hospital": node,
             "sampling_rate": float(worst["dp_sampling_rate"]),
             "noise_multiplier": float(worst["dp_noise_multiplier"]),
@@ -255,9 +255,9 @@ def round_summary(replies: Iterable[Any]) -> dict[str, Any]:
             "rounds": int(worst["dp_rounds"]),
             "uniform": bool(worst["dp_uniform"]),
             "accountant": ACCOUNTANT_NAMES.get(int(worst["dp_accountant"]), "unknown"),
-        }
-        out["hospitals_epsilon"] = {str(k): float(v["epsilon"]) for k, v in sorted(per_hospital.items())}
-    return out
+        },
+        "hospitals_epsilon": {str(k): float(v["epsilon"]) for k, v in sorted(per_hospital.items())},
+    }
 
 
 def write_run_summary(run_dir: str | Path, rounds: list[dict]) -> dict[str, Any] | None:
@@ -290,12 +290,17 @@ def write_run_summary(run_dir: str | Path, rounds: list[dict]) -> dict[str, Any]
 
 
 def summary_line(summary: dict[str, Any] | None) -> str | None:
-    """The run summary's line for the person watching."""
-    if not summary or summary.get("epsilon") is None:
+    """The run summary's line for the person watching: the run's epsilon, and the
+    hospitals (node ids) that stopped for their budget, from which round."""
+    if not summary:
         return None
+    refused = summary.get("hospitals_dp_budget_spent_from_round") or {}
+    stopped = ("; budget spent at hospital(s) " + ", ".join(f"{node} (from round {r})" for node, r in refused.items())
+               if refused else "")
+    if summary.get("epsilon") is None:
+        return f"patient-level DP: no hospital trained{stopped}" if refused else None
     acc = summary["dp_accounting"] or {}
-    refused = summary["hospitals_dp_budget_spent_from_round"]
     return (f"patient-level DP: epsilon {summary['epsilon']:.2f} at delta {acc.get('delta', math.nan):.3g} (largest over "
             f"{len(summary['hospitals_epsilon'])} hospital(s), {acc.get('accountant')} accountant, noise multiplier "
             f"{acc.get('noise_multiplier', math.nan):.3f}, sampling rate {acc.get('sampling_rate', math.nan):.3f}, "
-            f"{acc.get('steps')} steps)" + (f"; budget spent at hospital(s) {', '.join(refused)}" if refused else ""))
+            f"{acc.get('steps')} steps){stopped}")

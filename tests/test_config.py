@@ -115,3 +115,22 @@ def test_a_saved_run_config_keeps_its_values_and_gains_new_settings(tmp_path):
     assert (cfg.federation.num_rounds, cfg.federation.dp.noise_multiplier, cfg.model.local_epochs) == (3, 0.3, 2)
     assert cfg.federation.dp.max_epsilon == current.federation.dp.max_epsilon
     assert cfg.data.world == current.data.world
+
+
+def test_each_strategy_section_of_the_federation_is_a_registered_strategys_settings():
+    """conf/federation/default.yaml holds, per registered strategy with settings,
+    exactly its settings' fields, and the composed settings take them from there."""
+    import dataclasses
+
+    from skinfed.config import STRATEGY_SETTINGS
+
+    doc = yaml.safe_load((CONF / "federation" / "default.yaml").read_text())
+    assert doc["strategy"] in STRATEGY_SETTINGS
+    assert set(doc["strategies"]) <= set(STRATEGY_SETTINGS)
+    for name, settings in STRATEGY_SETTINGS.items():
+        fields = {f.name for f in dataclasses.fields(settings)}
+        assert set(doc["strategies"].get(name) or {}) == fields, name
+        chosen = load_run_config([f"federation.strategy={name}"]).federation.strategy_settings
+        assert dataclasses.asdict(chosen) == (doc["strategies"].get(name) or {})
+    # The earlier flat spellings are there, unset: a value lives in its strategy's section.
+    assert doc["proximal_mu"] is None and doc["server_learning_rate"] is None

@@ -1,7 +1,7 @@
 """The server's failure accounting: which hospitals trained, failed,
-were not ready or never replied, per round, a bounded wait for hospitals, and
-per-round seconds in the run directory. No Flower runtime: a fake grid and
-hand-made replies."""
+were not ready, stopped for their privacy budget or never replied, per round, a
+bounded wait for hospitals, and per-round seconds in the run directory. No
+Flower runtime: a fake grid and hand-made replies."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import time
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from server.strategy import NotEnoughHospitals, classify_replies, recording_strategy
-from skinfed.hospital_replies import NotReady
+from server.strategy import NotEnoughHospitals, SkinFedAvg, classify_replies
+from skinfed.config import FedAvgSettings
+from skinfed.hospital_replies import BudgetSpent, NotReady
 
 SUPERLINK = 1  # flwr's SUPERLINK_NODE_ID: the source of replies the SuperLink makes itself
 
@@ -47,6 +47,12 @@ def _not_ready(src: int, reply_to: str, done: int, total: int) -> Message:
     return Message(metadata=_meta(src, reply_to), content=RecordDict({"metrics": NotReady.of(done, total).to_record()}))
 
 
+def _over_budget(src: int, reply_to: str, epsilon: float, budget: float) -> Message:
+    """What client/app.py answers under patient-level DP when the next round would pass the budget."""
+    return Message(metadata=_meta(src, reply_to),
+                   content=RecordDict({"metrics": BudgetSpent.of(epsilon, budget).to_record()}))
+
+
 def test_replies_are_sorted_by_hospital():
     sent = {"m11": 11, "m12": 12, "m13": 13, "m14": 14, "m15": 15}
     replies = [
@@ -76,9 +82,9 @@ class FakeGrid:
         return list(self.nodes)
 
 
-def _strategy(min_available: int, wait: float) -> FedAvg:
-    return recording_strategy(FedAvg, node_wait_seconds=wait, fraction_train=1.0, fraction_evaluate=1.0,
-                              min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=min_available)
+def _strategy(min_available: int, wait: float) -> SkinFedAvg:
+    return SkinFedAvg(FedAvgSettings(), node_wait_seconds=wait, fraction_train=1.0, fraction_evaluate=1.0,
+                      min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=min_available)
 
 
 def test_a_round_remembers_its_hospitals_and_counts_silence_as_failure():
@@ -167,3 +173,33 @@ def test_a_hospital_that_comes_back_is_sent_the_next_round():
     assert [m.metadata.dst_node_id for m in strategy.configure_train(1, arrays, ConfigRecord(), grid)] == [31]
     grid.nodes = [31, 32]  # ... and back for round 2
     assert sorted(m.metadata.dst_node_id for m in strategy.configure_train(2, arrays, ConfigRecord(), grid)) == [31, 32]
+
+
+def test_a_hospital_over_its_budget_is_its_own_outcome_read_from_fields():
+    """A BudgetSpent reply: no model, not trained, not a failure of the ClientApp,
+    its epsilon and budget recorded under the node's id; the round goes on with
+    the others."""
+    strategy = _strategy(min_available=1, wait=1)
+    replies = [_ok(51, "a", value=2.0, n=10), _over_budget(52, "b", epsilon=4.5, budget=5.0),
+               _not_ready(53, "c", done=1, total=4)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert torch.equal(arrays.to_torch_state_dict()["w"], torch.full((2,), 2.0))  # 51 alone
+    assert metrics["num-examples"] == 10
+    summary = strategy.train_summary[1]
+    assert summary["hospitals_trained"] == [51] and summary["hospitals_failed"] == []
+    assert summary["clients_over_budget"] == 1 and summary["clients_not_ready"] == 1
+    assert summary["clients_failed"] == 2  # both sat the round out
+    assert summary["hospitals_dp_budget_spent"] == [{"id": 52, "epsilon": 4.5, "epsilon_budget": 5.0}]
+    json.dumps(summary)
+
+
+def test_a_budget_refusal_is_never_read_from_an_error_text():
+    """An error whose text reads like a budget refusal is a failure like any other."""
+    text = ("<class 'skinfed.patient_privacy.PrivacyBudgetSpent'>:<'privacy budget spent: epsilon 5.1 after this "
+            "round would pass federation.dp.max_epsilon=5.0 (rounds trained 3, spent 4.2)'>")
+    outcome = classify_replies({"m": 8}, [_error(8, "m", 2, text)])
+    assert outcome.failed == [8] and outcome.over_budget == {}
+    assert outcome.summary()["hospitals_dp_budget_spent"] == []
+    import skinfed.patient_privacy as patient_privacy
+
+    assert not [name for name in dir(patient_privacy) if "PATTERN" in name]

@@ -155,12 +155,57 @@ def test_a_hospital_refuses_to_train_past_its_budget(pairs, tmp_path):
         patient_privacy.train_round(model, pairs, cfg, tmp_path, "run-a", seed=2)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing trained
     assert len(patient_privacy.PrivacyLedger.load(tmp_path, "run-a").rounds) == 1  # nothing accounted
-    # The server reads the refusal as a typed entry, with the hospital's epsilons.
-    reply = SimpleNamespace(metadata=SimpleNamespace(src_node_id=7), has_error=lambda: True,
-                            error=SimpleNamespace(reason=f"PrivacyBudgetSpent: {refused.value}"))
-    summary = patient_privacy.round_summary([reply])
-    assert summary["hospitals_dp_budget_spent"][0]["id"] == 7
-    assert summary["hospitals_dp_budget_spent"][0]["epsilon"] == pytest.approx(one, rel=0.01)
+    # The refusal carries its numbers as fields: the epsilon spent and the budget.
+    assert refused.value.epsilon == pytest.approx(one, rel=0.01)
+    assert refused.value.budget == cfg.federation.dp.max_epsilon
+
+
+def test_the_clientapp_answers_a_spent_budget_with_a_typed_reply(pairs, tmp_path, monkeypatch, tiny_config):
+    """Past its budget a hospital's train handler replies (no error, no model) with
+    budget_spent=1 and its epsilon and budget; the server's accounting counts it
+    as its own outcome, by node id."""
+    from dataclasses import replace
+
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client import app as client_app
+    from server.strategy import classify_replies
+    from skinfed.hospital_replies import BudgetSpent
+
+    for attr in ("_run_id", "_task_id", "_node_id"):  # messages are made inside a task in real runs
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    steps = NUM_PAIRS // BATCH
+    one, two = (_independent_epsilon(1.0, BATCH / NUM_PAIRS, k * steps, 1e-5) for k in (1, 2))
+    run_cfg, _ = tiny_config
+    dp = replace(_run_cfg().federation.dp, max_epsilon=(one + two) / 2)
+    cfg = replace(run_cfg, model=_model_settings(), federation=replace(run_cfg.federation, dp=dp))
+    monkeypatch.setattr(client_app, "run_config", lambda context: cfg)
+    monkeypatch.setattr(client_app, "use_available_cores", lambda context: 1)
+    monkeypatch.setattr(client_app, "local_hospital",
+                        lambda cfg, context: client_app.HospitalData(train=pairs, validation=[], accepted=NUM_PAIRS,
+                                                                     refused=0))
+    context = Context(run_id=1, node_id=1, node_config={"deidentified-path": str(tmp_path / "pub"),
+                                                        "work-path": str(tmp_path / "node")},
+                      state=RecordDict(), run_config={})
+
+    def train(server_round: int) -> Message:
+        arrays = ArrayRecord(_private_model().state_dict())
+        config = ConfigRecord({"server-round": server_round, "local-epochs": 1, "dp-run": "run-a"})
+        msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=1, message_type="train")
+        msg.metadata.__dict__["_message_id"] = f"m{server_round}"
+        return client_app.train(msg, context)
+
+    first = train(1)
+    assert not first.has_error() and len(first.content.array_records) == 1
+    second = train(2)
+    assert not second.has_error() and len(second.content.array_records) == 0  # no model
+    spent = BudgetSpent.from_record(second.content["metrics"])
+    assert spent.budget_spent == 1 and spent.epsilon == pytest.approx(one, rel=0.01)
+    assert spent.epsilon_budget == dp.max_epsilon
+    assert set(second.content["metrics"].keys()) == {"budget_spent", "epsilon", "epsilon_budget"}
+    outcome = classify_replies({"m2": 9}, [second])
+    assert outcome.over_budget == {9: (spent.epsilon, dp.max_epsilon)} and not outcome.trained + outcome.failed
 
 
 # ----------------------------------------------------------------------------- the server's record and the check
