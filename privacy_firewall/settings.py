@@ -4,7 +4,10 @@ The values live in ``conf/`` (Hydra): ``conf/firewall/default.yaml`` for what ev
 backend shares, and one ``conf/backend/<name>.yaml`` per backend, which fills in
 ``firewall.backend`` and that backend's FlowEdit defaults ``firewall.flowedit``.
 Each value has exactly one home there; these data classes hold the types and the
-checks, so an unknown key or a bad value is a clear :class:`ConfigError`.
+checks, so an unknown key or a bad value is a clear :class:`ConfigError`. The
+``firewall.backend`` part is the backend's own: its settings class (declared in
+its module, found by name through :mod:`privacy_firewall.backends.registry`) holds
+its fields and their defaults, and the YAML gives only the values that differ.
 
 The firewall composes and reads nothing else (``conf/privacy_firewall.yaml``:
 its own groups and the shared ``paths``): no federation, model or data settings.
@@ -15,7 +18,7 @@ A project that embeds it (the Flower apps, ``skinfed.config``) composes the whol
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -26,10 +29,13 @@ from common.config import (
     check_positive,
     check_range,
     compose,
+    override_key,
     parse_overrides,
     reject_foreign_overrides,
     typed,
 )
+from privacy_firewall.backends.base import BackendSettings
+from privacy_firewall.backends.registry import backend_settings, store_config_schemas
 
 __all__ = [
     "OWN_PARTS", "BackendSettings", "ConfigError", "FirewallSettings", "FlowEditSettings", "GateSettings",
@@ -39,31 +45,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- the settings
-@dataclass
-class BackendSettings:
-    """Which flow model, and how to load it (``conf/backend/<name>.yaml``)."""
-
-    name: str  # embedded | sd3 | flux
-    model_path: Optional[str]  # a local folder (or a repo id already in the offline HF cache); null = shipped weights
-    dtype: str  # fp32 | fp16 | bf16
-    device: str  # auto | cpu | cuda | cuda:1 ...
-    working_size: Optional[int]  # longer side in pixels; null = the model's native size
-    drop_t5: bool  # SD3 only: leave out the 4.7B T5 encoder
-    vae_tiling: bool
-    vae_slicing: bool
-    cpu_offload: bool
-    max_sequence_length: int  # text tokens for the T5 encoder (SD3/FLUX)
-
-    def __post_init__(self) -> None:
-        check_choice("firewall.backend.name", self.name, ("embedded", "sd3", "flux"))
-        check_choice("firewall.backend.dtype", self.dtype, ("fp32", "fp16", "bf16"))
-        if self.name == "flux" and self.drop_t5:
-            raise ConfigError("firewall.backend.drop_t5=true is only possible with sd3: FLUX needs its T5 encoder")
-        if self.working_size is not None:
-            check_positive("firewall.backend.working_size", self.working_size)
-        check_positive("firewall.backend.max_sequence_length", self.max_sequence_length)
-
-
 @dataclass
 class FlowEditSettings:
     """FlowEdit (Kulikov et al.): the schedule window and the guidance of both branches.
@@ -219,7 +200,7 @@ class MaskSettings:
 
 @dataclass
 class FirewallSettings:
-    backend: BackendSettings
+    backend: BackendSettings  # the named backend's own settings class (registry.backend_settings)
     flowedit: FlowEditSettings
     prompts: PromptSettings
     identity: IdentitySettings
@@ -270,21 +251,60 @@ def compose_firewall(overrides: str | list[str] | None = None) -> DictConfig:
     """The firewall's part of ``conf/`` (``conf/privacy_firewall.yaml``: the
     firewall and backend groups and the shared paths) with ``overrides`` applied.
     Settings of other programs are not composed: an override of one is a
-    ConfigError naming its owner."""
+    ConfigError naming its owner; so is a ``firewall.backend.*`` key the chosen
+    backend does not have, naming the backend and its keys."""
     items = parse_overrides(overrides)
     reject_foreign_overrides(items, OWN_PARTS, "privacy-firewall")
-    return compose(CONFIG_NAME, items, MOVED_KEYS)
+    store_config_schemas()  # a backend module added since this process started composes with its defaults too
+    try:
+        return compose(CONFIG_NAME, items, MOVED_KEYS)
+    except ConfigError:
+        _explain_backend_overrides(items)
+        raise
+
+
+def _explain_backend_overrides(items: list[str]) -> None:
+    """Hydra refuses an override of a key the composed ``firewall.backend`` lacks
+    (suggesting to append it) or a value of the wrong type, in its own words;
+    the backend's settings class says which keys it has and what each takes.
+    Composes again without those overrides, applies them to the backend's
+    mapping and types that: its ConfigError, if any, is the one to show."""
+    prefix = "firewall.backend."
+    ours = [i for i in items if override_key(i).startswith(prefix) and not i.startswith("~")]
+    if not ours:
+        return
+    try:
+        node = compose(CONFIG_NAME, [i for i in items if i not in ours], MOVED_KEYS).firewall.backend
+    except (ConfigError, OmegaConfBaseException):
+        return  # the other overrides fail too: that error is the one to show
+    try:
+        given = OmegaConf.from_dotlist([i.lstrip("+")[len(prefix):] for i in ours])
+        backend = OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(node, resolve=True)), given)
+    except OmegaConfBaseException:
+        return
+    backend_settings(backend, "firewall.backend")
 
 
 def firewall_settings(composed: DictConfig) -> FirewallSettings:
-    """The ``firewall`` node of a composed configuration, typed and checked."""
+    """The ``firewall`` node of a composed configuration, typed and checked; its
+    ``backend`` by the settings class of the backend it names."""
     try:
         node = composed.firewall
+        backend_node = node.get("backend")
     except OmegaConfBaseException as exc:
         raise ConfigError(f"bad configuration: {str(exc).splitlines()[0]}") from None
-    return typed(FirewallSettings, node, "firewall")
+    data = OmegaConf.to_container(node, resolve=True)
+    data["backend"] = backend_settings(backend_node, "firewall.backend")
+    return typed(FirewallSettings, data, "firewall")
 
 
 def load_firewall_settings(overrides: str | list[str] | None = None) -> FirewallSettings:
     """The firewall's settings from ``conf/`` with ``overrides`` applied."""
     return firewall_settings(compose_firewall(overrides))
+
+
+# Every program that composes conf/ imports this module first (the firewall's
+# CLI, skinfed.config): the backends' settings classes must be in Hydra's
+# ConfigStore by then, so that an override reaches a field the YAML leaves to
+# its default.
+store_config_schemas()

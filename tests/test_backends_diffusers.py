@@ -21,13 +21,14 @@ from diffusers import FluxPipeline  # noqa: E402
 from privacy_firewall.backends.base import Conditioning  # noqa: E402
 from privacy_firewall.backends.flux import (  # noqa: E402
     FluxBackend,
+    FluxSettings,
     calculate_shift,
     latent_image_ids,
     pack_latents,
     unpack_latents,
 )
-from privacy_firewall.backends.loading import ModelNotFoundError, load_pipeline, offline_mode  # noqa: E402
-from privacy_firewall.backends.sd3 import SD3Backend  # noqa: E402
+from privacy_firewall.backends.loading import ModelNotFoundError, offline_mode  # noqa: E402
+from privacy_firewall.backends.sd3 import SD3Backend, SD3Settings  # noqa: E402
 from privacy_firewall.backends.tiny import (  # noqa: E402
     build_random_flux_pipeline,
     build_random_sd3_pipeline,
@@ -65,17 +66,15 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return dirs
 
 
-def _load(kind: str, folder: Path, **kw: Any) -> Any:
-    args = {
-        "dtype": "fp32",
-        "device": "cpu",
-        "drop_t5": False,
-        "vae_tiling": False,
-        "vae_slicing": False,
-        "cpu_offload": False,
-        **kw,
-    }
-    return load_pipeline(kind, str(folder), **args)
+BACKENDS = {"sd3": (SD3Backend, SD3Settings), "flux": (FluxBackend, FluxSettings)}
+
+
+def _load(kind: str, folder: Path | str | None, **kw: Any) -> Any:
+    """The pipeline the ``kind`` backend loads from ``folder`` (fp32 on the CPU
+    unless ``kw`` says otherwise)."""
+    cls, settings = BACKENDS[kind]
+    return cls.load_pipeline(settings(model_path=None if folder is None else str(folder),
+                                      **{"dtype": "fp32", "device": "cpu", **kw}))
 
 
 def _backend(kind: str, pipe: Any) -> SD3Backend | FluxBackend:
@@ -152,7 +151,7 @@ def test_missing_path_raises_model_not_found_with_instructions(tmp_path: Path) -
 def test_unset_model_path_uses_default_repo_from_cache_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     with pytest.raises(ModelNotFoundError) as info:
-        load_pipeline("flux", None, dtype="fp32", device="cpu")
+        _load("flux", None)
     msg = str(info.value)
     assert "model_path is not set" in msg and "black-forest-labs/FLUX.1-dev" in msg
     assert str(tmp_path / "empty-hub") in msg
@@ -196,10 +195,8 @@ def test_incomplete_or_wrong_folder_raises(tiny_dirs: dict[str, Path], tmp_path:
 
 
 def test_loading_flags_and_from_settings(tiny_dirs: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
-    from privacy_firewall.settings import BackendSettings
-
-    cfg = BackendSettings(name="sd3", model_path=str(tiny_dirs["sd3"]), dtype="bf16", device="cpu", working_size=64,
-                          drop_t5=False, vae_tiling=True, vae_slicing=True, cpu_offload=True, max_sequence_length=32)
+    cfg = SD3Settings(model_path=str(tiny_dirs["sd3"]), dtype="bf16", device="cpu", working_size=64,
+                      drop_t5=False, vae_tiling=True, vae_slicing=True, cpu_offload=True, max_sequence_length=32)
     with caplog.at_level(logging.WARNING, logger="privacy_firewall.backends.loading"):
         backend = SD3Backend.from_settings(cfg)
     assert torch.cuda.is_available() or "cpu_offload ignored" in caplog.text
@@ -209,12 +206,40 @@ def test_loading_flags_and_from_settings(tiny_dirs: dict[str, Path], caplog: pyt
     v = backend.velocity(z, 0.7, backend.encode_prompts(["skin"]))
     assert v.dtype == torch.float32 and torch.isfinite(v).all()
 
-    flux_cfg = BackendSettings(name="flux", model_path=str(tiny_dirs["flux"]), dtype="fp32", device="cpu",
-                               working_size=64, drop_t5=False, vae_tiling=False, vae_slicing=False, cpu_offload=False,
-                               max_sequence_length=32)
+    flux_cfg = FluxSettings(model_path=str(tiny_dirs["flux"]), dtype="fp32", device="cpu", working_size=64,
+                            max_sequence_length=32)
     flux = FluxBackend.from_settings(flux_cfg)
     assert flux.pipe.text_encoder_2 is not None  # FLUX cannot drop T5
     assert not flux.pipe.vae.use_tiling
+
+
+def test_load_backend_by_name_types_the_settings(tiny_dirs: dict[str, Path]) -> None:
+    """load_backend finds the backend by name; settings built as the shared base
+    get that backend's own defaults."""
+    from privacy_firewall.backends import BackendSettings, load_backend
+
+    backend = load_backend(BackendSettings(name="flux", model_path=str(tiny_dirs["flux"]), dtype="fp32",
+                                           device="cpu"))
+    assert isinstance(backend, FluxBackend) and backend.max_sequence_length == 512  # FluxSettings' default
+    assert backend.dtype == torch.float32
+
+
+def test_random_weights_through_the_backend_class(kind: str) -> None:
+    """The random-weight architectures are the backend's own facts: tiny ones are
+    built on the CPU (and cast), full-size ones on the meta device allocate nothing."""
+    from privacy_firewall.settings import ConfigError
+
+    cls, settings = BACKENDS[kind]
+    tiny, full = (f"tiny-{kind}", "sd3-medium" if kind == "sd3" else "flux-dev")
+    assert not cls.random_architectures[tiny].full_size and cls.random_architectures[full].full_size
+    backend = cls.random_weights(tiny, settings(device="cpu", vae_tiling=True), dtype=torch.bfloat16, device="cpu")
+    assert type(backend) is cls and backend.dtype == torch.bfloat16 and backend.pipe.vae.use_tiling
+    v = backend.velocity(_latents(1), 0.5, backend.encode_prompts(["a face"]))
+    assert v.shape == (1, 16, 8, 6) and torch.isfinite(v).all()
+    meta = cls.random_pipeline(full, dtype=torch.bfloat16, device="meta")
+    assert meta.transformer.device.type == "meta"
+    with pytest.raises(ConfigError, match=tiny):
+        cls.random_weights("no-such-architecture", settings(), dtype=torch.float32, device="cpu")
 
 
 def test_sd3_drop_t5_loads_without_t5_weights_and_runs(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:

@@ -6,6 +6,11 @@ FlowEdit: ``t`` runs from 1 (pure noise) to 0 (clean data), the forward process
 is ``z_t = (1 - t) * z_0 + t * noise`` and the model predicts the velocity
 ``v = noise - z_0``, so an Euler step from ``t_i`` to ``t_{i+1}`` is
 ``z += (t_{i+1} - t_i) * v``.
+
+Each backend also declares its settings (a :class:`BackendSettings` dataclass:
+the fields it reads, with their defaults) and how to load itself from them
+(:meth:`FlowBackend.from_settings`); :mod:`privacy_firewall.backends.registry`
+finds it by name.
 """
 
 from __future__ import annotations
@@ -14,10 +19,55 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
+
+from common.config import ConfigError, check_choice, check_positive
+
+#: The weight precisions a backend can be asked for (``firewall.backend.dtype``).
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass
+class BackendSettings:
+    """What every backend's settings have (``firewall.backend.*``).
+
+    A backend subclasses this with the fields it reads and its defaults, and
+    sets ``name`` to its own name (``name: str = "sd3"``). The defaults live
+    here and in the subclasses only: ``conf/backend/<name>.yaml`` gives a value
+    only where it differs. ``__post_init__`` checks the values; a subclass that
+    checks more calls ``super().__post_init__()``.
+    """
+
+    name: str
+    # A local folder (or a repo id already in the offline Hugging Face cache);
+    # None: the backend's default weights.
+    model_path: Optional[str] = None
+    dtype: str = "fp32"  # fp32 | fp16 | bf16
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
+    working_size: Optional[int] = None  # longer side in pixels; None: the model's native size
+
+    #: Keys this backend does not have, with why (added to the error that refuses them).
+    key_hints: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self) -> None:
+        check_choice("firewall.backend.dtype", self.dtype, DTYPES)
+        if self.working_size is not None:
+            check_positive("firewall.backend.working_size", self.working_size)
+
+
+@dataclass(frozen=True)
+class RandomArchitecture:
+    """A model a backend can build with random weights (:meth:`FlowBackend.random_weights`),
+    for speed, memory and plumbing measurements without the pretrained weights."""
+
+    #: The real parameter count (needs an accelerator that holds it); False: a
+    #: few MB, for plumbing and NFE accounting on a CPU.
+    full_size: bool
+    #: Default side in pixels when measuring it; None: the backend's working size.
+    working_size: Optional[int] = None
 
 
 @dataclass
@@ -49,6 +99,10 @@ class FlowBackend(ABC):
     """
 
     name: str = "base"
+    #: The dataclass of this backend's ``firewall.backend.*`` settings.
+    settings_class: ClassVar[type[BackendSettings]] = BackendSettings
+    #: Architectures :meth:`random_weights` builds, the default first.
+    random_architectures: ClassVar[dict[str, RandomArchitecture]] = {}
     #: True when the model has a real unconditional branch for classifier-free
     #: guidance. FLUX.1-dev is guidance-distilled: its guidance scale is an input
     #: of the transformer, so one evaluation per branch suffices.
@@ -98,6 +152,41 @@ class FlowBackend(ABC):
         """For each prepared photo, a reason to refuse it as something this model was
         not made for, or None. Models trained on everything accept all."""
         return [None] * len(images)
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def from_settings(cls, settings: BackendSettings) -> FlowBackend:
+        """The backend loaded as ``settings`` (an instance of :attr:`settings_class`) say."""
+        raise NotImplementedError(f"{cls.__name__} does not implement from_settings(settings)")
+
+    @classmethod
+    def random_weights(
+        cls,
+        architecture: str,
+        settings: BackendSettings,
+        *,
+        dtype: torch.dtype,
+        device: str | torch.device,
+        seed: int = 0,
+    ) -> FlowBackend:
+        """This backend around a model of ``architecture`` (one of
+        :attr:`random_architectures`) with random weights drawn from ``seed``, on
+        ``device`` in ``dtype``; ``settings`` gives the rest (VAE tiling, ...)."""
+        raise ConfigError(
+            f"the {cls.name} backend builds no model with random weights "
+            f"({cls.__name__}.random_architectures is empty); choose another backend"
+        )
+
+    @classmethod
+    def check_random_architecture(cls, architecture: str) -> RandomArchitecture:
+        """:attr:`random_architectures` ``[architecture]``, or an error naming the known ones."""
+        try:
+            return cls.random_architectures[architecture]
+        except KeyError:
+            known = ", ".join(cls.random_architectures) or "none"
+            raise ConfigError(
+                f"the {cls.name} backend has no random-weight architecture {architecture!r}; choose one of: {known}"
+            ) from None
 
     def __init__(self) -> None:
         self.nfe = 0

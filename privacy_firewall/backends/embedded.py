@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,9 @@ import numpy as np
 import torch
 
 from models.embedded import find_embedded_weights
-from models.flow_unet import ATTRIBUTE_SLOTS, FlowUNet, load_flow_unet
-from privacy_firewall.backends.base import Conditioning, FlowBackend
-from privacy_firewall.settings import BackendSettings
+from models.flow_unet import ATTRIBUTE_SLOTS, FlowUNet, FlowUNetConfig, load_flow_unet
+from privacy_firewall.backends.base import BackendSettings, Conditioning, FlowBackend, RandomArchitecture
+from privacy_firewall.backends.registry import register_backend
 
 #: Version-2 slots that are not identity: the erythema state is the edit's
 #: business, sex is drawn separately, and the view is kept (the erythema map
@@ -94,8 +95,20 @@ def read_ood_calibration(folder: Path | None) -> tuple[float | None, str]:
                   f"{what_to_do}")
 
 
+@dataclass
+class EmbeddedSettings(BackendSettings):
+    """``conf/backend/embedded.yaml``: the shared settings only. ``model_path``
+    None is the weights shipped with the package; ``dtype`` stays fp32 (the
+    model is small) and ``working_size`` None is its native size (64 px)."""
+
+    name: str = "embedded"
+
+
+@register_backend
 class EmbeddedBackend(FlowBackend):
     name = "embedded"
+    settings_class = EmbeddedSettings
+    random_architectures = {"embedded": RandomArchitecture(full_size=False)}
     has_true_cfg = True
     size_multiple = 8
     input_geometry = "square"
@@ -122,6 +135,26 @@ class EmbeddedBackend(FlowBackend):
         # The cache key needs to know which weights made an image.
         backend.fingerprint = hashlib.sha256((folder / "flow_unet.safetensors").read_bytes()).hexdigest()[:16]
         return backend
+
+    @classmethod
+    def random_weights(
+        cls,
+        architecture: str,
+        settings: BackendSettings,
+        *,
+        dtype: torch.dtype,
+        device: str | torch.device,
+        seed: int = 0,
+    ) -> EmbeddedBackend:
+        """The embedded U-Net at ``settings.working_size`` (64 px when None) with
+        random weights, in float32 (``dtype`` is not used: the model is small).
+        It has no weights folder, so no out-of-distribution calibration: its
+        :meth:`out_of_distribution` refuses every photo."""
+        cls.check_random_architecture(architecture)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = FlowUNet(FlowUNetConfig(image_size=settings.working_size or 64))
+        return cls(model, device=device)
 
     # -- facts ---------------------------------------------------------------------------
     @property

@@ -7,33 +7,32 @@ handled inside :meth:`FluxBackend._velocity`, exactly as ``FluxPipeline`` does.
 
 from __future__ import annotations
 
-import copy
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
 
-from privacy_firewall.settings import BackendSettings
+from privacy_firewall.backends.base import Conditioning, RandomArchitecture
+from privacy_firewall.backends.diffusers_base import DiffusersBackend, DiffusersSettings, calculate_shift
+from privacy_firewall.backends.registry import register_backend
 
-from .base import Conditioning, FlowBackend
-from .loading import decode_with_vae, encode_with_vae, load_pipeline
+__all__ = ["FluxBackend", "FluxSettings", "calculate_shift", "pack_latents", "unpack_latents"]
 
-__all__ = ["FluxBackend", "calculate_shift", "pack_latents", "unpack_latents"]
 
-try:  # the pipeline's own resolution-dependent shift
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-except ImportError:  # pragma: no cover - older/newer diffusers layouts
+@dataclass
+class FluxSettings(DiffusersSettings):
+    """``conf/backend/flux.yaml``: FLUX.1 through diffusers. It has no ``drop_t5``:
+    FLUX takes its prompt embeddings from T5."""
 
-    def calculate_shift(
-        image_seq_len: int,
-        base_seq_len: int = 256,
-        max_seq_len: int = 4096,
-        base_shift: float = 0.5,
-        max_shift: float = 1.15,
-    ) -> float:
-        """Linear interpolation of the shift ``mu`` in the image sequence length."""
-        m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-        return image_seq_len * m + base_shift - m * base_seq_len
+    name: str = "flux"
+    dtype: str = "bf16"
+    working_size: Optional[int] = 1024
+    max_sequence_length: int = 512
+
+    key_hints: ClassVar[dict[str, str]] = {
+        "drop_t5": "FLUX takes its prompt embeddings from T5 and cannot run without it; only sd3 can drop T5",
+    }
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -64,7 +63,8 @@ def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch
     return ids.reshape(h * w, 3).to(device=device, dtype=dtype)
 
 
-class FluxBackend(FlowBackend):
+@register_backend
+class FluxBackend(DiffusersBackend):
     """Wraps a diffusers ``FluxPipeline`` (FLUX.1-dev, FLUX.1-schnell).
 
     FLUX.1-dev is guidance-distilled (``guidance_embeds``): the guidance scale is
@@ -74,46 +74,33 @@ class FluxBackend(FlowBackend):
     """
 
     name = "flux"
+    settings_class = FluxSettings
+    pipeline_class = "FluxPipeline"
+    default_repo = "black-forest-labs/FLUX.1-dev"
+    random_architectures = {
+        "flux-dev": RandomArchitecture(full_size=True),
+        "tiny-flux": RandomArchitecture(full_size=False, working_size=256),
+    }
 
     def __init__(self, pipe: Any, max_sequence_length: int = 512, default_guidance: float = 1.0) -> None:
-        super().__init__()
-        self.pipe = pipe
-        self.transformer = pipe.transformer
-        self.vae = pipe.vae
-        self.max_sequence_length = int(max_sequence_length)
+        super().__init__(pipe, max_sequence_length)
         self.default_guidance = float(default_guidance)
-        self.scheduler = copy.deepcopy(pipe.scheduler)
-        self.vae_scale_factor = int(pipe.vae_scale_factor)
         self.size_multiple = self.vae_scale_factor * 2
         self.guidance_embeds = bool(self.transformer.config.get("guidance_embeds", False))
         self.has_true_cfg = not self.guidance_embeds
 
     @classmethod
-    def from_settings(cls, settings: BackendSettings) -> FluxBackend:
-        """Load the pipeline named by ``settings`` (a local folder or an offline
-        Hugging Face cache entry); nothing is downloaded. FLUX needs its T5."""
-        pipe = load_pipeline(
-            "flux",
-            settings.model_path,
-            dtype=settings.dtype,
-            device=settings.device,
-            drop_t5=False,
-            vae_tiling=settings.vae_tiling,
-            vae_slicing=settings.vae_slicing,
-            cpu_offload=settings.cpu_offload,
-        )
-        return cls(pipe, max_sequence_length=settings.max_sequence_length)
+    def build_tiny_pipeline(cls, architecture: str, seed: int) -> Any:
+        from privacy_firewall.backends.tiny import build_tiny_flux_pipeline
 
-    # -- properties ------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        if getattr(self.transformer, "_hf_hook", None) is not None:  # model CPU offload (accelerate)
-            return torch.device(self.pipe._execution_device)
-        return self.transformer.device
+        return build_tiny_flux_pipeline(seed=seed)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+    @classmethod
+    def build_full_pipeline(cls, architecture: str, *, dtype: torch.dtype, device: str | torch.device,
+                            seed: int) -> Any:
+        from privacy_firewall.backends.tiny import build_random_flux_pipeline
+
+        return build_random_flux_pipeline(architecture, dtype=dtype, device=device, seed=seed)
 
     # -- prompts -------------------------------------------------------------------------
     @torch.no_grad()
@@ -162,15 +149,6 @@ class FluxBackend(FlowBackend):
             return_dict=False,
         )[0]
         return unpack_latents(out, height, width).to(dtype=latents.dtype, device=latents.device)
-
-    # -- image <-> latent ------------------------------------------------------------------
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """RGB in [0, 1], (B, 3, H, W) -> float32 unpacked latents (B, 16, H/8, W/8)."""
-        return encode_with_vae(self.vae, images, self.device)
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Unpacked latents (B, 16, h, w) -> RGB float32 in [0, 1], (B, 3, 8h, 8w)."""
-        return decode_with_vae(self.vae, latents, self.device)
 
     # -- schedule ----------------------------------------------------------------------------
     def image_seq_len(self, image_size: tuple[int, int]) -> int:

@@ -1,14 +1,19 @@
-"""Offline loading of diffusers SD3 / FLUX pipelines, shared by the backends.
+"""Offline loading of diffusers pipelines, shared by the diffusers backends.
 
 Weights are never downloaded: ``model_path`` is either a local folder in the
 diffusers layout (``model_index.json`` plus one sub-folder per component) or a
 Hugging Face repo id that must already be in the local cache. Anything missing
 raises :class:`ModelNotFoundError` with instructions to fetch the weights on a
 machine with internet access.
+
+Nothing here knows a model family: the backend passes its name (for messages),
+its pipeline class and its default repo id
+(:class:`~privacy_firewall.backends.diffusers_base.DiffusersBackend`).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -25,12 +30,10 @@ from common import device as common_device
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_MODELS",
     "ModelNotFoundError",
     "check_model_folder",
     "decode_with_vae",
     "encode_with_vae",
-    "family",
     "load_pipeline",
     "offline_mode",
     "resolve_device",
@@ -38,18 +41,6 @@ __all__ = [
     "resolve_model_folder",
 ]
 
-#: Repo ids used when ``model_path`` is None (resolved from the offline cache only).
-DEFAULT_MODELS: dict[str, str] = {
-    "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
-    "sd3.5": "stabilityai/stable-diffusion-3.5-large",
-    "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
-    "flux": "black-forest-labs/FLUX.1-dev",
-    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
-}
-_PIPELINE_CLASS_NAMES: dict[str, str] = {
-    "sd3": "StableDiffusion3Pipeline",
-    "flux": "FluxPipeline",
-}
 _DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -64,16 +55,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 class ModelNotFoundError(FileNotFoundError):
     """Pretrained weights are not available locally (they are never downloaded)."""
-
-
-def family(kind: str) -> str:
-    """``"sd3"`` or ``"flux"`` for a backend kind such as ``"sd3.5"``."""
-    k = kind.lower()
-    if k.startswith("sd3") or k.startswith("stable-diffusion-3"):
-        return "sd3"
-    if k.startswith("flux"):
-        return "flux"
-    raise ValueError(f"unknown backend kind {kind!r}; expected one of {sorted(DEFAULT_MODELS)}")
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -92,8 +73,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return common_device.resolve_device(device, "firewall.backend.device")
 
 
-def _how_to_provide(kind: str, repo_id: str | None = None) -> str:
-    repo = repo_id or DEFAULT_MODELS.get(kind, DEFAULT_MODELS[family(kind)])
+def _how_to_provide(kind: str, repo: str) -> str:
     local = f"/models/{kind}"
     return (
         "Weights are never downloaded here (offline). To provide them: on a machine with internet, "
@@ -150,25 +130,34 @@ def _component_problems(folder: Path, class_name: str) -> list[str]:
     return problems
 
 
-def check_model_folder(path: str | os.PathLike[str], kind: str, skip: tuple[str, ...] = ()) -> None:
+def check_model_folder(
+    path: str | os.PathLike[str],
+    kind: str,
+    pipeline_class: str,
+    default_repo: str,
+    skip: tuple[str, ...] = (),
+) -> None:
     """Raise :class:`ModelNotFoundError` unless ``path`` is a complete diffusers
-    folder for a ``kind`` pipeline (components named in ``skip`` may be absent)."""
+    folder holding a ``pipeline_class`` (components named in ``skip`` may be
+    absent). ``kind`` (the backend's name) and ``default_repo`` word the error."""
     folder = Path(path)
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise ModelNotFoundError(
             f"{kind.upper()} weights: {folder} has no model_index.json, so it is not a diffusers "
-            f"pipeline folder.\n{_how_to_provide(kind)}"
+            f"pipeline folder.\n{_how_to_provide(kind, default_repo)}"
         )
     try:
         index: dict[str, Any] = json.loads(index_file.read_text())
     except ValueError as err:
-        raise ModelNotFoundError(f"{index_file} is not valid JSON ({err}).\n{_how_to_provide(kind)}") from err
-    expected = _PIPELINE_CLASS_NAMES[family(kind)]
-    found = index.get("_class_name")
-    if found != expected:
         raise ModelNotFoundError(
-            f"{folder} holds a {found} but the {kind!r} backend needs a {expected}.\n{_how_to_provide(kind)}"
+            f"{index_file} is not valid JSON ({err}).\n{_how_to_provide(kind, default_repo)}"
+        ) from err
+    found = index.get("_class_name")
+    if found != pipeline_class:
+        raise ModelNotFoundError(
+            f"{folder} holds a {found} but the {kind!r} backend needs a {pipeline_class}.\n"
+            f"{_how_to_provide(kind, default_repo)}"
         )
     problems: list[str] = []
     for name, spec in index.items():
@@ -180,17 +169,17 @@ def check_model_folder(path: str | os.PathLike[str], kind: str, skip: tuple[str,
     if problems:
         raise ModelNotFoundError(
             f"{kind.upper()} weights in {folder} are incomplete; missing: {', '.join(problems)}.\n"
-            f"{_how_to_provide(kind)}"
+            f"{_how_to_provide(kind, default_repo)}"
         )
 
 
-def resolve_model_folder(kind: str, model_path: str | os.PathLike[str] | None) -> Path:
+def resolve_model_folder(kind: str, model_path: str | os.PathLike[str] | None, default_repo: str) -> Path:
     """A local folder for ``model_path``: the folder itself, or the snapshot of a
-    repo id in the offline Hugging Face cache (None: the kind's default repo).
-    Never touches the network."""
+    repo id in the offline Hugging Face cache (None: ``default_repo``). Never
+    touches the network."""
     import huggingface_hub.constants as hf_constants
 
-    spec = str(model_path) if model_path is not None else DEFAULT_MODELS.get(kind, DEFAULT_MODELS[family(kind)])
+    spec = str(model_path) if model_path is not None else default_repo
     local = Path(spec).expanduser()
     looked_for: list[str] = []
     if model_path is not None:
@@ -212,54 +201,45 @@ def resolve_model_folder(kind: str, model_path: str | os.PathLike[str] | None) -
     unset = "backend.model_path is not set, so " if model_path is None else ""
     raise ModelNotFoundError(
         f"{kind.upper()} weights not found: {unset}looked for {' and '.join(looked_for)}.\n"
-        f"{_how_to_provide(kind, spec if is_repo_id else None)}"
+        f"{_how_to_provide(kind, spec if is_repo_id else default_repo)}"
     )
 
 
 def load_pipeline(
     kind: str,
+    pipeline_class: str,
+    default_repo: str,
     model_path: str | None = None,
     dtype: str = "bf16",
     device: str = "auto",
-    drop_t5: bool = False,
+    without: tuple[str, ...] = (),
     vae_tiling: bool = False,
     vae_slicing: bool = False,
     cpu_offload: bool = False,
 ) -> Any:
-    """Load a ``StableDiffusion3Pipeline`` (kind ``"sd3"``, ``"sd3.5"``, ...) or a
-    ``FluxPipeline`` (``"flux"``) from local files only.
+    """Load the diffusers ``pipeline_class`` (e.g. ``"FluxPipeline"``) of the
+    ``kind`` backend from local files only.
 
-    ``model_path``: a diffusers folder or a cached repo id (None: the kind's
-    default repo, from the cache). ``drop_t5`` loads SD3 without T5-XXL (the
-    pipeline then feeds zeros in its place; fits 24 GB cards). ``cpu_offload``
-    uses ``enable_model_cpu_offload`` when CUDA is available and is ignored with
-    a warning otherwise. Raises :class:`ModelNotFoundError` when the weights are
-    missing or incomplete.
+    ``model_path``: a diffusers folder or a cached repo id (None:
+    ``default_repo``, from the cache). ``without`` names components to leave
+    out: they need not be on disk and are passed as None (SD3 without its T5
+    encoder fits a 24 GB card). ``cpu_offload`` uses ``enable_model_cpu_offload``
+    when CUDA is available and is ignored with a warning otherwise. Raises
+    :class:`ModelNotFoundError` when the weights are missing or incomplete.
     """
-    fam = family(kind)
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
-    folder = resolve_model_folder(kind, model_path)
-    kwargs: dict[str, Any] = {}
-    skip: tuple[str, ...] = ()
-    if drop_t5:
-        if fam == "sd3":
-            kwargs.update(text_encoder_3=None, tokenizer_3=None)
-            skip = ("text_encoder_3", "tokenizer_3")
-        else:
-            logger.warning("drop_t5 ignored: FLUX takes its prompt embeddings from T5 and cannot run without it")
-    check_model_folder(folder, kind, skip=skip)
+    folder = resolve_model_folder(kind, model_path, default_repo)
+    check_model_folder(folder, kind, pipeline_class, default_repo, skip=without)
 
-    if fam == "sd3":
-        from diffusers import StableDiffusion3Pipeline as pipeline_cls
-    else:
-        from diffusers import FluxPipeline as pipeline_cls
+    pipeline_cls = getattr(importlib.import_module("diffusers"), pipeline_class)
     try:
         with offline_mode():
-            pipe = pipeline_cls.from_pretrained(str(folder), local_files_only=True, dtype=torch_dtype, **kwargs)
+            pipe = pipeline_cls.from_pretrained(str(folder), local_files_only=True, dtype=torch_dtype,
+                                                **dict.fromkeys(without))
     except OSError as err:
         raise ModelNotFoundError(
-            f"{kind.upper()} weights in {folder} could not be loaded: {err}\n{_how_to_provide(kind)}"
+            f"{kind.upper()} weights in {folder} could not be loaded: {err}\n{_how_to_provide(kind, default_repo)}"
         ) from err
 
     if vae_tiling:
@@ -276,7 +256,7 @@ def load_pipeline(
     return pipe
 
 
-# -- VAE helpers shared by the SD3 and FLUX backends ----------------------------------
+# -- VAE helpers shared by the diffusers backends ----------------------------------
 def _latent_stats(vae: Any) -> tuple[float, float]:
     scaling = float(vae.config.scaling_factor)
     shift = getattr(vae.config, "shift_factor", None)

@@ -6,20 +6,31 @@ transformer takes ``timestep = t * 1000`` and predicts ``v = noise - z_0``.
 
 from __future__ import annotations
 
-import copy
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
-from privacy_firewall.settings import BackendSettings
+from privacy_firewall.backends.base import Conditioning, RandomArchitecture
+from privacy_firewall.backends.diffusers_base import DiffusersBackend, DiffusersSettings, calculate_shift
+from privacy_firewall.backends.registry import register_backend
 
-from .base import Conditioning, FlowBackend
-from .loading import decode_with_vae, encode_with_vae, load_pipeline
-
-__all__ = ["SD3Backend"]
+__all__ = ["SD3Backend", "SD3Settings"]
 
 
-class SD3Backend(FlowBackend):
+@dataclass
+class SD3Settings(DiffusersSettings):
+    """``conf/backend/sd3.yaml``: Stable Diffusion 3 / 3.5 through diffusers."""
+
+    name: str = "sd3"
+    dtype: str = "fp16"
+    working_size: Optional[int] = 1024  # both sides are rounded to a multiple of 16
+    drop_t5: bool = False  # leave out the 4.7B T5 encoder: fits a 24 GB card
+    max_sequence_length: int = 256
+
+
+@register_backend
+class SD3Backend(DiffusersBackend):
     """Wraps a diffusers ``StableDiffusion3Pipeline`` (SD3-medium, SD3.5).
 
     Latents are (B, 16, H/8, W/8), normalised with the VAE's shift and scaling
@@ -28,46 +39,38 @@ class SD3Backend(FlowBackend):
     """
 
     name = "sd3"
+    settings_class = SD3Settings
+    pipeline_class = "StableDiffusion3Pipeline"
+    default_repo = "stabilityai/stable-diffusion-3-medium-diffusers"
+    random_architectures = {
+        "sd3-medium": RandomArchitecture(full_size=True),
+        # The tiny transformer's native size is 32 x 8 px.
+        "tiny-sd3": RandomArchitecture(full_size=False, working_size=256),
+    }
     has_true_cfg = True
 
     def __init__(self, pipe: Any, max_sequence_length: int = 256) -> None:
-        super().__init__()
-        self.pipe = pipe
-        self.transformer = pipe.transformer
-        self.vae = pipe.vae
-        self.max_sequence_length = int(max_sequence_length)
-        # A private copy: set_timesteps mutates the scheduler it is called on.
-        self.scheduler = copy.deepcopy(pipe.scheduler)
-        self.vae_scale_factor = int(pipe.vae_scale_factor)
+        super().__init__(pipe, max_sequence_length)
         self.patch_size = int(self.transformer.config.patch_size)
         self.size_multiple = self.vae_scale_factor * self.patch_size
 
     @classmethod
-    def from_settings(cls, settings: BackendSettings) -> SD3Backend:
-        """Load the pipeline named by ``settings`` (a local folder or an offline
-        Hugging Face cache entry); nothing is downloaded."""
-        pipe = load_pipeline(
-            "sd3",
-            settings.model_path,
-            dtype=settings.dtype,
-            device=settings.device,
-            drop_t5=settings.drop_t5,
-            vae_tiling=settings.vae_tiling,
-            vae_slicing=settings.vae_slicing,
-            cpu_offload=settings.cpu_offload,
-        )
-        return cls(pipe, max_sequence_length=settings.max_sequence_length)
+    def components_left_out(cls, settings: SD3Settings) -> tuple[str, ...]:  # type: ignore[override]
+        # Without T5 the pipeline feeds zeros in its place.
+        return ("text_encoder_3", "tokenizer_3") if settings.drop_t5 else ()
 
-    # -- properties ------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        if getattr(self.transformer, "_hf_hook", None) is not None:  # model CPU offload (accelerate)
-            return torch.device(self.pipe._execution_device)
-        return self.transformer.device
+    @classmethod
+    def build_tiny_pipeline(cls, architecture: str, seed: int) -> Any:
+        from privacy_firewall.backends.tiny import build_tiny_sd3_pipeline
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        return build_tiny_sd3_pipeline(seed=seed)
+
+    @classmethod
+    def build_full_pipeline(cls, architecture: str, *, dtype: torch.dtype, device: str | torch.device,
+                            seed: int) -> Any:
+        from privacy_firewall.backends.tiny import build_random_sd3_pipeline
+
+        return build_random_sd3_pipeline(architecture, dtype=dtype, device=device, seed=seed)
 
     # -- prompts -------------------------------------------------------------------------
     @torch.no_grad()
@@ -106,15 +109,6 @@ class SD3Backend(FlowBackend):
         )[0]
         return out.to(dtype=latents.dtype, device=latents.device)
 
-    # -- image <-> latent ------------------------------------------------------------------
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """RGB in [0, 1], (B, 3, H, W) -> float32 latents (B, 16, H/8, W/8)."""
-        return encode_with_vae(self.vae, images, self.device)
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (B, 16, h, w) -> RGB float32 in [0, 1], (B, 3, 8h, 8w)."""
-        return decode_with_vae(self.vae, latents, self.device)
-
     # -- schedule ----------------------------------------------------------------------------
     def timesteps(self, num_steps: int, image_size: tuple[int, int]) -> torch.Tensor:
         """The pipeline's default schedule (static shift 3.0 for SD3/SD3.5;
@@ -124,8 +118,6 @@ class SD3Backend(FlowBackend):
         kwargs: dict[str, Any] = {}
         cfg = self.scheduler.config
         if cfg.get("use_dynamic_shifting", False):
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
             height, width = image_size
             seq_len = (height // self.size_multiple) * (width // self.size_multiple)
             kwargs["mu"] = calculate_shift(

@@ -31,27 +31,16 @@ from __future__ import annotations
 import string
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-)
-from tokenizers.pre_tokenizers import ByteLevel
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    T5Config,
-    T5EncoderModel,
-    T5TokenizerFast,
-)
+
+if TYPE_CHECKING:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTokenizer, T5Config, T5TokenizerFast
+
+# diffusers and transformers are imported where a builder runs: the backend
+# registry imports every module of this package, and they take seconds.
 
 __all__ = [
     "FLUX_ARCHITECTURES",
@@ -206,6 +195,9 @@ def byte_level_clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH) -> CLIPTo
     matching text encoder has ``vocab_size=514``, ``bos_token_id=512`` and
     ``eos_token_id=513``.
     """
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
     alphabet = sorted(ByteLevel.alphabet())
     vocab: dict[str, int] = {}
     for sym in alphabet:
@@ -221,6 +213,8 @@ def char_level_t5_tokenizer(model_max_length: int = 512) -> T5TokenizerFast:
     """A T5 unigram tokenizer over printable ASCII characters (ids 0-2 are
     ``<pad>``, ``</s>``, ``<unk>``); ``vocab_size`` of the encoder must be at least
     ``len(tokenizer)``."""
+    from transformers import T5TokenizerFast
+
     chars = [c for c in string.printable if not c.isspace()]
     pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [("▁" + c, -3.0) for c in chars]
@@ -244,6 +238,8 @@ def _build_context(seed: int, dtype: torch.dtype, device: str | torch.device) ->
 
 
 def _clip_config(size: dict[str, Any], vocab_size: int) -> CLIPTextConfig:
+    from transformers import CLIPTextConfig
+
     return CLIPTextConfig(
         vocab_size=vocab_size,
         max_position_embeddings=CLIP_MAX_LENGTH,
@@ -255,6 +251,8 @@ def _clip_config(size: dict[str, Any], vocab_size: int) -> CLIPTextConfig:
 
 
 def _t5_config(size: dict[str, Any], vocab_size: int) -> T5Config:
+    from transformers import T5Config
+
     return T5Config(
         vocab_size=vocab_size,
         num_decoder_layers=0,
@@ -276,10 +274,14 @@ def _finish(pipe: Any) -> Any:
 
 
 def _sd3_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
 
 
 def _flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     return FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=3.0,
@@ -300,6 +302,9 @@ def _sd3_pipeline(
     t5_vocab: int,
     t5_max_length: int,
 ) -> StableDiffusion3Pipeline:
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
     clip_tok = byte_level_clip_tokenizer()
     t5_tok = char_level_t5_tokenizer(t5_max_length)
     return _finish(
@@ -326,6 +331,9 @@ def _flux_pipeline(
     t5_vocab: int,
     t5_max_length: int,
 ) -> FluxPipeline:
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
     return _finish(
         FluxPipeline(
             transformer=FluxTransformer2DModel(**transformer_cfg),
