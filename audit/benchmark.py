@@ -33,12 +33,12 @@ the masks and the calibration of theta*. Per photo, as the median over
   sex and kept attributes), ``out_of_distribution`` and ``io_mask_calibration``
   (the rest of ``deidentify``).
 
-``flowedit`` breaks the FlowEdit cost down on the same photos (one traversal per
-target set, without the firewall around it): ``nfe_single_edit`` (the surrogate
-alone), ``nfe_twin_pair`` (surrogate and twin sharing the source branch),
-``nfe_twin_pair_separate`` (the two run one after the other), ``nfe_saving``
-(separate / pair) and ``nfe_configured`` (the configured targets); ``--no-breakdown``
-skips it. Memory: ``peak_rss_mb`` (the process's maximum resident set),
+With ``--flowedit-breakdown``, ``flowedit`` breaks the FlowEdit cost down on the
+same photos (one traversal per target set, without the firewall around it):
+``nfe_single_edit`` (the surrogate alone), ``nfe_twin_pair`` (surrogate and twin
+sharing the source branch), ``nfe_twin_pair_separate`` (the two run one after the
+other), ``nfe_saving`` (separate / pair) and ``nfe_configured`` (the configured
+targets). Memory: ``peak_rss_mb`` (the process's maximum resident set),
 ``peak_cuda_mb`` on CUDA. The CLI prints the result as JSON on the last stdout
 line; progress goes to stderr.
 """
@@ -58,7 +58,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from privacy_firewall.backends import FlowBackend, load_backend
+from privacy_firewall.backends import (
+    FlowBackend,
+    RandomArchitecture,
+    backend_class,
+    load_backend,
+    random_architectures,
+)
 from privacy_firewall.flowedit import FlowEditSettings, flowedit
 from privacy_firewall.images import to_tensor_batch
 from privacy_firewall.settings import FirewallSettings, load_firewall_settings
@@ -68,17 +74,6 @@ BENCHMARK_SEED = 0
 
 log = logging.getLogger(__name__)
 
-#: --architecture -> (backend family, full size?)
-ARCHITECTURES: dict[str, tuple[str, bool]] = {
-    "tiny-sd3": ("sd3", False),
-    "tiny-flux": ("flux", False),
-    "sd3-medium": ("sd3", True),
-    "flux-dev": ("flux", True),
-}
-#: --random-weights without --architecture: the configured backend's architecture.
-DEFAULT_RANDOM_ARCHITECTURE = {"embedded": "embedded", "sd3": "sd3-medium", "flux": "flux-dev"}
-#: Default working size of the tiny architectures (the tiny SD3 transformer's native 32 x 8).
-TINY_SIZE = 256
 SEX_WORDS = {"female": "woman", "male": "man"}
 
 
@@ -89,6 +84,20 @@ def _usage_error(message: str) -> Exception:
 
 
 # -- the backend ------------------------------------------------------------------------
+def architecture_backend(architecture: str) -> tuple[type[FlowBackend], RandomArchitecture]:
+    """The backend class that builds ``architecture`` with random weights (each
+    backend declares its own ``random_architectures``) and what it is."""
+    owners = random_architectures()
+    if architecture not in owners:
+        raise _usage_error(f"--architecture {architecture}: choose one of {', '.join(sorted(owners))}")
+    cls = backend_class(owners[architecture])
+    return cls, cls.random_architectures[architecture]
+
+
+def _small_architectures() -> str:
+    return " or ".join(a for a in sorted(random_architectures()) if not architecture_backend(a)[1].full_size)
+
+
 def _explicit(overrides: list[str], key: str) -> bool:
     return any(o.split("=", 1)[0].lstrip("+~") == key for o in overrides)
 
@@ -102,10 +111,8 @@ def _weights_gib(pipe_or_model: Any, dtype: torch.dtype) -> float:
 def _check_full_size_fits(architecture: str, device: torch.device, dtype: torch.dtype) -> float:
     """Refuse a full-size random model without a GPU that can hold it; returns its
     weights' size in GiB (measured on the meta device: nothing is allocated)."""
-    from privacy_firewall.backends.tiny import build_random_flux_pipeline, build_random_sd3_pipeline
-
-    build = build_random_sd3_pipeline if ARCHITECTURES[architecture][0] == "sd3" else build_random_flux_pipeline
-    gib = _weights_gib(build(architecture, dtype=dtype, device="meta"), dtype)
+    cls, _ = architecture_backend(architecture)
+    gib = _weights_gib(cls.random_pipeline(architecture, dtype=dtype, device="meta"), dtype)
     dtype_name = str(dtype).removeprefix("torch.")
     need = gib * 1.15 + 2.0  # weights, plus room for the activations of a batch
     if device.type != "cuda":
@@ -113,7 +120,7 @@ def _check_full_size_fits(architecture: str, device: torch.device, dtype: torch.
         raise _usage_error(
             f"--architecture {architecture} builds the full-size model with random weights: {gib:.1f} GiB of "
             f"weights in {dtype_name} plus activations, which needs a CUDA GPU with at least about {need:.0f} GiB "
-            f"of memory, and {why}. On this machine use --architecture tiny-sd3 or tiny-flux (CPU, seconds)."
+            f"of memory, and {why}. On this machine use --architecture {_small_architectures()} (CPU, seconds)."
         )
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
     if total < gib * 1.05:
@@ -138,40 +145,13 @@ def build_backend(
     if not random_weights:
         return load_backend(cfg.backend), cfg.backend.name, "pretrained"
     device = resolve_device(cfg.backend.device)
-    if architecture == "embedded":
-        from models.flow_unet import FlowUNet, FlowUNetConfig
-        from privacy_firewall.backends.embedded import EmbeddedBackend
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(BENCHMARK_SEED)
-            model = FlowUNet(FlowUNetConfig(image_size=cfg.backend.working_size or 64))
-        return EmbeddedBackend(model, device=device), architecture, "random"
-
-    from privacy_firewall.backends import tiny
-    from privacy_firewall.backends.flux import FluxBackend
-    from privacy_firewall.backends.sd3 import SD3Backend
-
-    fam, full_size = ARCHITECTURES[architecture]
-    if full_size:
+    cls, spec = architecture_backend(architecture)
+    if spec.full_size:
         dtype = resolve_dtype(cfg.backend.dtype)
         _check_full_size_fits(architecture, device, dtype)
-        build = tiny.build_random_sd3_pipeline if fam == "sd3" else tiny.build_random_flux_pipeline
-        pipe = build(architecture, dtype=dtype, device=device, seed=BENCHMARK_SEED)
     else:
-        pipe = (tiny.build_tiny_sd3_pipeline if fam == "sd3" else tiny.build_tiny_flux_pipeline)(seed=BENCHMARK_SEED)
         dtype = resolve_dtype(tiny_dtype or "fp32")
-        if dtype != torch.float32:  # built in fp32 on the CPU
-            pipe.to(dtype=dtype)
-        if device.type != "cpu":
-            pipe.to(device)
-    if cfg.backend.vae_tiling:
-        pipe.vae.enable_tiling()
-    if cfg.backend.vae_slicing:
-        pipe.vae.enable_slicing()
-    if cfg.backend.cpu_offload:
-        log.warning("backend.cpu_offload is ignored for random weights: the model is built on %s", device)
-    pipe.set_progress_bar_config(disable=True)
-    backend = SD3Backend(pipe) if fam == "sd3" else FluxBackend(pipe)
+    backend = cls.random_weights(architecture, cfg.backend, dtype=dtype, device=device, seed=BENCHMARK_SEED)
     return backend, architecture, "random"
 
 
@@ -207,7 +187,7 @@ def peak_rss_mb() -> float:
 
 
 def benchmark(cfg: FirewallSettings, *, random_weights: bool, architecture: str | None, height: int | None,
-              width: int | None, images: int, repeats: int, overrides: list[str], breakdown: bool = True) -> dict:
+              width: int | None, images: int, repeats: int, overrides: list[str], breakdown: bool = False) -> dict:
     """Measure the firewall's NFE, time and memory; see the module docstring.
 
     The arguments are those of ``privacy-firewall benchmark`` (its parser holds
@@ -218,8 +198,12 @@ def benchmark(cfg: FirewallSettings, *, random_weights: bool, architecture: str 
     if architecture is not None and not random_weights:
         raise _usage_error(f"--architecture {architecture} builds a model with random weights: add --random-weights")
     if random_weights:
-        architecture = architecture or DEFAULT_RANDOM_ARCHITECTURE[cfg.backend.name]
-        fam = ARCHITECTURES[architecture][0] if architecture in ARCHITECTURES else "embedded"
+        if architecture is None:  # the configured backend's own (default) architecture
+            architecture = next(iter(backend_class(cfg.backend.name).random_architectures), None)
+            if architecture is None:
+                raise _usage_error(f"the {cfg.backend.name} backend builds no model with random weights: "
+                                   f"give --architecture ({', '.join(sorted(random_architectures()))})")
+        fam = architecture_backend(architecture)[0].name  # an unknown architecture is a usage error
         if cfg.backend.name != fam:
             if _explicit(overrides, "backend"):
                 raise _usage_error(f"--architecture {architecture} needs backend={fam}, but backend={cfg.backend.name} was given")
@@ -238,10 +222,9 @@ def benchmark(cfg: FirewallSettings, *, random_weights: bool, architecture: str 
 
     # A throw-away key: the benchmark edits nothing for real and must not create the hospital's key.
     firewall = PrivacyFirewall(cfg, backend=backend, use_cache=False, key=secrets.token_bytes(32))
-    if architecture in ("tiny-sd3", "tiny-flux"):
-        default_size = TINY_SIZE
-    else:
-        default_size = int(firewall.working_size)
+    # Tiny architectures have their own default size (the tiny SD3 transformer's native one is 32 x 8).
+    default_size = (architecture_backend(architecture)[1].working_size if weights == "random" else None) \
+        or int(firewall.working_size)
     height = height or default_size
     width = width or default_size
     multiple = backend.size_multiple
@@ -254,7 +237,7 @@ def benchmark(cfg: FirewallSettings, *, random_weights: bool, architecture: str 
     images, sexes = clinic_images(n_images, height, width, BENCHMARK_SEED)
     result = _describe(cfg, backend, architecture, weights, height, width, n_images, repeats, load_seconds)
     try:
-        # The breakdown first: its one-step warm-up keeps first-call costs out of the real path's timing.
+        _warm_up(cfg, firewall, backend, images[0], (height, width))
         flowedit_nfe = _flowedit_breakdown(cfg, firewall, backend, images, sexes, height, width) if breakdown else None
         result.update(_median_of([real_path(cfg, backend, images) for _ in range(repeats)]))
     except torch.cuda.OutOfMemoryError as exc:
@@ -268,6 +251,20 @@ def benchmark(cfg: FirewallSettings, *, random_weights: bool, architecture: str 
         result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         result["gpu"] = torch.cuda.get_device_name(device)
     return result
+
+
+def _warm_up(cfg: FirewallSettings, firewall, backend: FlowBackend, image: np.ndarray, size: tuple[int, int]) -> None:
+    """One FlowEdit step on one photo, not timed: kernels, allocator and prompt
+    caches stay out of the measured runs."""
+    from privacy_firewall.firewall import pixel_digest
+
+    plan = firewall.plan_for("person", firewall.identity_for(pixel_digest(image), 0))
+    if not cfg.flowedit.n_max:
+        return
+    with torch.inference_mode():
+        x = backend.encode_images(to_tensor_batch([image]).to(backend.device))
+        flowedit(backend, x, [plan.source], [plan.targets[:1]], replace(cfg.flowedit, n_max=1, n_min=0), [0],
+                 image_size=size)
 
 
 def _flowedit_breakdown(cfg: FirewallSettings, firewall, backend: FlowBackend, images: list[np.ndarray],
@@ -442,4 +439,4 @@ def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-__all__ = ["ARCHITECTURES", "benchmark", "build_backend", "clinic_images", "peak_rss_mb"]
+__all__ = ["architecture_backend", "benchmark", "build_backend", "clinic_images", "peak_rss_mb"]

@@ -36,7 +36,7 @@ def cmd_benchmark(args) -> int:
     threads()
     result = benchmark(cfg, random_weights=args.random_weights, architecture=args.architecture, height=args.height,
                        width=args.width, images=args.images, repeats=args.repeats, overrides=list(args.overrides),
-                       breakdown=not args.no_breakdown)
+                       breakdown=args.flowedit_breakdown)
     print(json.dumps(result))
     return EXIT_OK
 
@@ -58,14 +58,17 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def add_benchmark(sub: argparse._SubParsersAction) -> None:
+    from privacy_firewall.backends import random_architectures
+
     p = sub.add_parser("benchmark", help="seconds and network evaluations per photo of the firewall as deidentify "
                                          "runs it, per stage; last stdout line is JSON")
     p.add_argument("--random-weights", action="store_true", help="build a random-weight model (no weights needed)")
-    p.add_argument("--architecture", choices=("tiny-sd3", "tiny-flux", "sd3-medium", "flux-dev"), default=None)
+    p.add_argument("--architecture", choices=sorted(random_architectures()), default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--images", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1, help="runs of the whole path (the median is reported)")
-    p.add_argument("--no-breakdown", action="store_true", help="skip the FlowEdit-only NFE breakdown")
+    p.add_argument("--flowedit-breakdown", action="store_true",
+                   help="also FlowEdit alone: NFE of one target, of the twin pair and of the two separately")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_benchmark)

@@ -19,7 +19,7 @@ FAST = ["firewall.flowedit.steps=6", "firewall.flowedit.n_max=4"]
 def run_benchmark(capsys, monkeypatch, tmp_path, *argv: str) -> tuple[int, dict | None, str]:
     monkeypatch.setenv("SKINFED_THREADS", "1")  # the CLI sets torch's threads from it
     monkeypatch.setenv("SKINFED_HOME", str(tmp_path / "home"))
-    rc = main(["benchmark", *argv])
+    rc = main(["benchmark", "--flowedit-breakdown", *argv])
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()
     return rc, (json.loads(lines[-1]) if rc == 0 else None), err
