@@ -13,7 +13,7 @@
 # with debootstrap from the Debian mirror, and pip in the image build reaches the
 # Python package index with the host's CA bundle.
 #
-# The stack check (tests/test_docker_stack.py drives the same steps and checks the
+# The stack check (tests/system/test_docker_stack.py drives the same steps and checks the
 # results) starts the coordinator and two hospitals on this CPU host (the GPU block
 # replaced as docs/deployment.md says), enrols the hospitals, runs two rounds with
 # `flwr run`, kills hospital 2's containers during round 2, and checks that the run
@@ -103,8 +103,8 @@ build_image() {
 run_stack_check() {
     docker image inspect "$IMAGE" >/dev/null 2>&1 || die "$IMAGE not built: run '$0 image' first"
     [[ -x "$PYTHON" ]] || die "$PYTHON not found: make the checkout's .venv first (make test)"
-    # tests/test_docker_stack.py holds the steps and the checks; run here as a script.
-    (cd "$ROOT" && "$PYTHON" -m tests.test_docker_stack --no-build)
+    # tests/system/test_docker_stack.py holds the steps and the checks; run here as a script.
+    (cd "$ROOT" && "$PYTHON" -m tests.system.docker_stack --no-build)
 }
 
 main() {
@@ -116,7 +116,7 @@ main() {
         image) build_image ;;
         stack) run_stack_check ;;
         all) build_image; run_stack_check ;;
-        down) (cd "$ROOT" && "$PYTHON" -m tests.test_docker_stack --down) ;;
+        down) (cd "$ROOT" && "$PYTHON" -m tests.system.docker_stack --down) ;;
         *) die "unknown step '$what' (base-image | image | stack | all | down)" ;;
     esac
 }

@@ -1,11 +1,11 @@
 """The hospital image's Dockerfile, read without Docker (the stack itself runs in
-tests/test_docker_stack.py, slow)."""
+tests/system/test_docker_stack.py, slow)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_image_holds_every_product_package_and_no_attacks():

@@ -120,7 +120,7 @@ def test_the_apps_and_the_launcher_use_the_one_rule():
     import ast
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     for path in ("client/app.py", "server/app.py", "skinfed/launch.py"):
         tree = ast.parse((root / path).read_text())
         attributes = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}

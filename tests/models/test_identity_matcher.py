@@ -30,7 +30,7 @@ from models.identity_matcher import (
 )
 from synthetic_clinic import render_subject
 
-EMBEDDED = Path(__file__).resolve().parents[1] / "models" / "embedded"
+EMBEDDED = Path(__file__).resolve().parents[2] / "models" / "embedded"
 
 
 def tiny_matcher() -> IdentityMatcher:

@@ -360,7 +360,7 @@ def test_the_installed_command_refuses_a_real_photo(portrait: Path, tmp_path: Pa
     key.write_text(KEY_HEX + "\n")
     run = subprocess.run([sys.executable, "-m", "privacy_firewall.cli", "deidentify", str(portrait),
                           str(tmp_path / "out"), f"firewall.key_file={key}", f"firewall.cache_dir={tmp_path / 'c'}", "-q"],
-                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert run.returncode == 1, run.stderr
     (entry,) = load_report(tmp_path / "out").photos.values()
     assert entry.code is RefusalCode.OUT_OF_DISTRIBUTION and "backend=sd3" in entry.reason

@@ -11,7 +11,7 @@ import yaml
 from privacy_firewall.settings import ConfigError, FlowEditSettings, load_firewall_settings
 from skinfed.config import load_run_config
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 FLOWEDIT_KEYS = set(FlowEditSettings.__dataclass_fields__)
 
 

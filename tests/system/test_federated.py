@@ -186,7 +186,7 @@ def test_simulation_two_hospitals_one_failing(tiny_config, monkeypatch, capsys):
     from server.app import app as server_app
 
     monkeypatch.syspath_prepend(str(TESTS))
-    monkeypatch.setenv("PYTHONPATH", f"{TESTS}:{Path(__file__).resolve().parents[1]}")
+    monkeypatch.setenv("PYTHONPATH", f"{TESTS}:{Path(__file__).resolve().parents[2]}")
     from failing_client import app as client_app
 
     assert "failing_client" in sys.modules

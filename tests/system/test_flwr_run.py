@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import TINY_OVERRIDES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:

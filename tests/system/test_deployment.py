@@ -8,7 +8,7 @@ hospital's network-less firewall service, ...), and the end-to-end test starts
 the services of that very file as plain processes on 127.0.0.1: the commands,
 flags, node config and environment are taken from docker-compose.yml and the
 Dockerfile, with container paths mapped to folders under tmp_path and service
-addresses to free local ports. tests/test_docker_stack.py (slow) runs the same
+addresses to free local ports. tests/system/test_docker_stack.py (slow) runs the same
 file under a real Docker engine.
 """
 
@@ -20,167 +20,66 @@ import hashlib
 import json
 import os
 import re
-import shlex
-import signal
-import socket
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import jsonschema
 import pytest
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from scripts import make_certificates
 from tests.conftest import TINY_OVERRIDES
-
-ROOT = Path(__file__).resolve().parents[1]
-COMPOSE = ROOT / "docker-compose.yml"
-DOCKERFILE = ROOT / "Dockerfile"
-DOCS = ROOT / "docs" / "deployment.md"
-BIN = Path(sys.executable).parent
-HOSPITALS = ("1", "2")
-
-
-# ----------------------------------------------------------------------------- reading the compose file
-def _compose() -> dict:
-    return yaml.safe_load(COMPOSE.read_text())
-
-
-def _interpolate(value: str, env: dict[str, str]) -> str:
-    """Compose's ``${VAR:-default}`` / ``${VAR}`` interpolation."""
-    return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: env.get(m[1]) or (m[2] or ""), value)
-
-
-def _argv(service: dict) -> list[str]:
-    entry = service.get("entrypoint") or []
-    command = service.get("command") or []
-    entry = shlex.split(entry) if isinstance(entry, str) else list(entry)
-    command = shlex.split(command) if isinstance(command, str) else list(command)
-    return [str(x) for x in entry + command]
-
-
-def _flag(argv: list[str], name: str) -> str | None:
-    """The value of ``--name=value`` or ``--name value`` in ``argv``."""
-    for i, arg in enumerate(argv):
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-        if arg == name and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
+from tests.system.compose_files import (
+    BIN,
+    COMPOSE,
+    DOCKERFILE,
+    DOCS,
+    HOSPITALS,
+    ROOT,
+    dockerfile_env,
+    dockerfile_instructions,
+    flag_value,
+    flwr_parsers,
+    flwr_version,
+    hospital_services,
+    interpolate,
+    is_bind,
+    program_parsers,
+    read_compose,
+    service_argv,
+    service_environment,
+    service_mounts,
+    service_roles,
+    watch_args,
+)
+from tests.system.local_deployment import (
+    LocalDeployment,
+    aggregated,
+    flwr,
+    hospital_folders,
+    wait_for_firewall,
+    wait_for_port,
+)
 
 
-def _mounts(service: dict, env: dict[str, str] | None = None) -> list[tuple[str, str, bool]]:
-    """(source, target, read_only) of a service's volumes; a named volume's source is its name."""
-    out = []
-    for vol in service.get("volumes", []):
-        if isinstance(vol, dict):
-            out.append((_interpolate(str(vol["source"]), env or {}), vol["target"], bool(vol.get("read_only"))))
-            continue
-        parts = _interpolate(vol, env or {}).split(":")
-        source, target = parts[0], parts[1]
-        out.append((source, target, len(parts) > 2 and "ro" in parts[2].split(",")))
-    return out
-
-
-def _is_bind(source: str) -> bool:
-    return source.startswith(("/", ".", "~"))
-
-
-def _environment(service: dict, env: dict[str, str]) -> dict[str, str]:
-    raw = service.get("environment") or {}
-    if isinstance(raw, list):
-        raw = dict(item.split("=", 1) for item in raw)
-    return {k: _interpolate(str(v), env) for k, v in raw.items()}
-
-
-def _dockerfile_env() -> dict[str, str]:
-    """The image's ENV, from the Dockerfile."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    env: dict[str, str] = {}
-    for line in text.splitlines():
-        if line.strip().startswith("ENV "):
-            for item in shlex.split(line.strip()[4:]):
-                key, _, value = item.partition("=")
-                env[key] = value
-    return env
-
-
-def _dockerfile_instructions() -> list[tuple[str, str]]:
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
-
-
-def _roles(compose: dict) -> dict[str, list[str]]:
-    """Service names by program: flower-superlink, flower-supernode, flower-superexec."""
-    roles: dict[str, list[str]] = {}
-    for name, service in compose["services"].items():
-        roles.setdefault(Path(_argv(service)[0]).name, []).append(name)
-    return roles
-
-
-def _flwr_parsers():
-    from flwr.supercore.cli.flower_superexec import _parse_args as superexec_parser
-    from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
-    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
-
-    return {"flower-superlink": _parse_args_run_superlink, "flower-supernode": _parse_args_run_supernode,
-            "flower-superexec": superexec_parser}
-
-
-def _program_parsers():
-    """Every program the compose file runs: flwr's three and the firewall's CLI."""
-    from privacy_firewall.cli import build_parser as firewall_parser
-
-    return {**_flwr_parsers(), "privacy-firewall": firewall_parser}
-
-
-def _watch_args(service: dict):
-    """The parsed `privacy-firewall watch` command of a firewall service."""
-    from privacy_firewall.cli import build_parser
-
-    argv = _argv(service)
-    assert Path(argv[0]).name == "privacy-firewall" and argv[1] == "watch", argv
-    return build_parser().parse_args(argv[1:])
-
-
-def _flwr_version() -> str:
-    from importlib.metadata import version
-
-    return version("flwr")
-
-
-def _hospital_services() -> dict[str, tuple[str, str, str]]:
-    """hospital number -> (its SuperNode, its ClientApp SuperExec, its firewall service)."""
-    return {h: (f"supernode-{h}", f"clientapp-{h}", f"firewall-{h}") for h in HOSPITALS}
-
-
-# ----------------------------------------------------------------------------- (a) the files
 def test_compose_file_follows_the_compose_specification():
     schema = json.loads((ROOT / "tests" / "data" / "compose-spec.json").read_text())
     validator = jsonschema.Draft7Validator(schema)
-    errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(_compose())]
+    errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(read_compose())]
     assert not errors, errors
     # The schema is strict enough to catch mistakes.
-    broken = _compose()
+    broken = read_compose()
     broken["services"]["superlink"]["volume"] = []
     assert list(validator.iter_errors(broken))
 
 
 def test_compose_services_use_the_image_and_flags_of_this_flwr():
-    compose = _compose()
-    roles = _roles(compose)
+    compose = read_compose()
+    roles = service_roles(compose)
     assert roles == {
         "flower-superlink": ["superlink"],
         "flower-superexec": ["serverapp", "clientapp-1", "clientapp-2"],
@@ -189,24 +88,24 @@ def test_compose_services_use_the_image_and_flags_of_this_flwr():
     }
     # Debian's docker-compose 1.29 rejects a top-level `name:`; `version:` is obsolete in both.
     assert "name" not in compose and "version" not in compose
-    parsers = _program_parsers()
+    parsers = program_parsers()
     for name, service in compose["services"].items():
         assert service["image"] == "skinfed:0.1.0", name
         assert (ROOT / service["build"]["context"] / service["build"]["dockerfile"]).resolve() == DOCKERFILE
         assert service.get("init") is True, f"{name}: SuperExec's app processes need an init to be reaped"
-        argv = _argv(service)
+        argv = service_argv(service)
         assert (BIN / argv[0]).is_file(), f"{name}: {argv[0]} is not a program of the installed flwr"
         parser = parsers[argv[0]]()
         try:
             parser.parse_args(argv[1:])  # every flag exists, every value is accepted
         except SystemExit:
-            pytest.fail(f"{name}: {argv[0]} of flwr {_flwr_version()} rejects {argv[1:]}")
+            pytest.fail(f"{name}: {argv[0]} of flwr {flwr_version()} rejects {argv[1:]}")
         deprecated = {opt for action in parser._actions for opt in action.option_strings
                       if "deprecated" in (action.help or "").lower()}
         used = {arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--")}
         assert not used & deprecated, f"{name} uses deprecated flags {used & deprecated}"
         # Files named on the command line are mounted into that container.
-        targets = [t for _, t, _ in _mounts(service)]
+        targets = [t for _, t, _ in service_mounts(service)]
         for arg in argv[1:]:
             value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
             if value.startswith("/certs/"):
@@ -214,81 +113,81 @@ def test_compose_services_use_the_image_and_flags_of_this_flwr():
     declared_volumes = set(compose.get("volumes", {}))
     declared_networks = set(compose.get("networks", {}))
     for name, service in compose["services"].items():
-        for source, _, _ in _mounts(service):
-            assert _is_bind(source) or source in declared_volumes, f"{name}: volume {source} is not declared"
+        for source, _, _ in service_mounts(service):
+            assert is_bind(source) or source in declared_volumes, f"{name}: volume {source} is not declared"
         assert set(service.get("networks", [])) <= declared_networks
         assert service.get("networks") or service.get("network_mode") == "none", f"{name}: no network chosen"
 
 
 def test_compose_deployment_is_authenticated_encrypted_and_private():
-    compose = _compose()
+    compose = read_compose()
     services = compose["services"]
     networks = compose["networks"]
 
-    link = _argv(services["superlink"])
+    link = service_argv(services["superlink"])
     for flag, path in [("--ssl-ca-certfile", "/certs/ca.crt"), ("--ssl-certfile", "/certs/superlink.crt"),
                        ("--ssl-keyfile", "/certs/superlink.key")]:
-        assert _flag(link, flag) == path
+        assert flag_value(link, flag) == path
     assert "--enable-supernode-auth" in link and "--insecure" not in link
-    assert _flag(link, "--isolation") == "process"
-    database = _flag(link, "--database")
-    state = [(s, t) for s, t, ro in _mounts(services["superlink"]) if database.startswith(t + "/") and not ro]
-    assert state and not _is_bind(state[0][0]), "the SuperLink's state must live on a named volume"
-    link_port = _flag(link, "--port")
+    assert flag_value(link, "--isolation") == "process"
+    database = flag_value(link, "--database")
+    state = [(s, t) for s, t, ro in service_mounts(services["superlink"]) if database.startswith(t + "/") and not ro]
+    assert state and not is_bind(state[0][0]), "the SuperLink's state must live on a named volume"
+    link_port = flag_value(link, "--port")
     assert any(str(p).endswith(f":{link_port}") for p in services["superlink"]["ports"])
 
-    server = _argv(services["serverapp"])
-    assert _flag(server, "--runtime-api-address") == f"superlink:{link_port}"
-    assert _flag(server, "--root-certificates") == "/certs/ca.crt" and "--insecure" not in server
-    assert _flag(server, "--superexec-auth-secret-file") == _flag(link, "--superexec-auth-secret-file")
+    server = service_argv(services["serverapp"])
+    assert flag_value(server, "--runtime-api-address") == f"superlink:{link_port}"
+    assert flag_value(server, "--root-certificates") == "/certs/ca.crt" and "--insecure" not in server
+    assert flag_value(server, "--superexec-auth-secret-file") == flag_value(link, "--superexec-auth-secret-file")
     assert all(networks[n].get("internal") for n in services["serverapp"]["networks"])
 
     # The SuperLink is published on loopback unless the coordinator says otherwise.
-    published = [_interpolate(str(p), {}) for p in services["superlink"]["ports"]]
+    published = [interpolate(str(p), {}) for p in services["superlink"]["ports"]]
     assert published == [f"127.0.0.1:9093:{link_port}"]
-    assert _interpolate(str(services["superlink"]["ports"][0]), {"SUPERLINK_BIND_ADDRESS": "10.1.2.3"}).startswith(
+    assert interpolate(str(services["superlink"]["ports"][0]), {"SUPERLINK_BIND_ADDRESS": "10.1.2.3"}).startswith(
         "10.1.2.3:")
 
     from flwr.common.config import parse_config_args
 
     data_sources: dict[str, str] = {}
-    for h, (node_name, app_name, firewall_name) in _hospital_services().items():
+    for h, (node_name, app_name, firewall_name) in hospital_services().items():
         node, app, firewall = services[node_name], services[app_name], services[firewall_name]
-        node_argv, app_argv = _argv(node), _argv(app)
+        node_argv, app_argv = service_argv(node), service_argv(app)
         # The SuperNode: TLS to the SuperLink, its own key, no patient data.
-        assert _flag(node_argv, "--superlink") == f"superlink:{link_port}"
-        assert _flag(node_argv, "--root-certificates") == "/certs/ca.crt" and "--insecure" not in node_argv
-        key = _flag(node_argv, "--auth-supernode-private-key")
-        key_source = next(s for s, t, ro in _mounts(node) if t == key and ro)
+        assert flag_value(node_argv, "--superlink") == f"superlink:{link_port}"
+        assert flag_value(node_argv, "--root-certificates") == "/certs/ca.crt" and "--insecure" not in node_argv
+        key = flag_value(node_argv, "--auth-supernode-private-key")
+        key_source = next(s for s, t, ro in service_mounts(node) if t == key and ro)
         assert key_source.endswith(f"/supernode-{h}")
-        assert _flag(node_argv, "--isolation") == "process"
-        config = parse_config_args([_flag(node_argv, "--node-config")])
+        assert flag_value(node_argv, "--isolation") == "process"
+        config = parse_config_args([flag_value(node_argv, "--node-config")])
         assert set(config) == {"deidentified-path", "partition-id"}
         assert config["partition-id"] == int(h) - 1
-        assert not any(t == config["deidentified-path"] for _, t, _ in _mounts(node))
+        assert not any(t == config["deidentified-path"] for _, t, _ in service_mounts(node))
         # Its ClientApp SuperExec: talks to this SuperNode only, over the hospital's internal network.
-        assert _flag(app_argv, "--runtime-api-address") == f"{node_name}:{_flag(node_argv, '--port')}"
-        assert _flag(app_argv, "--superexec-auth-secret-file") == _flag(node_argv, "--superexec-auth-secret-file")
+        assert flag_value(app_argv, "--runtime-api-address") == f"{node_name}:{flag_value(node_argv, '--port')}"
+        assert flag_value(app_argv, "--superexec-auth-secret-file") == flag_value(node_argv, "--superexec-auth-secret-file")
         assert set(app["networks"]) == {f"hospital-{h}"} and networks[f"hospital-{h}"].get("internal") is True
         users = {n for n, s in services.items() if f"hospital-{h}" in s.get("networks", [])}
         assert users == {node_name, app_name}
         # The ClientApp mounts the firewall's published pairs, read-only, and nothing else of the hospital's.
-        app_mounts = _mounts(app)
+        app_mounts = service_mounts(app)
         published = [(s, ro) for s, t, ro in app_mounts if t == config["deidentified-path"]]
         assert published == [(f"hospital-{h}-deidentified", True)], f"{app_name}: {app_mounts}"
-        assert {t for _, t, _ in app_mounts} == {config["deidentified-path"], _flag(app_argv, "--superexec-auth-secret-file")}
+        assert {t for _, t, _ in app_mounts} == {config["deidentified-path"], flag_value(app_argv, "--superexec-auth-secret-file")}
         # The firewall service: the photos read-only, no network at all, publishing what the ClientApp reads.
-        watch = _watch_args(firewall)
-        fw_mounts = _mounts(firewall)
+        watch = watch_args(firewall)
+        fw_mounts = service_mounts(firewall)
         assert firewall.get("network_mode") == "none" and "networks" not in firewall and "ports" not in firewall
         data = [(s, ro) for s, t, ro in fw_mounts if t == watch.photos_dir]
-        assert len(data) == 1 and data[0][1] and _is_bind(data[0][0]), f"{firewall_name}: photos must be one read-only mount"
+        assert len(data) == 1 and data[0][1] and is_bind(data[0][0]), f"{firewall_name}: photos must be one read-only mount"
         data_sources[h] = data[0][0]
         assert [(s, ro) for s, t, ro in fw_mounts if t == watch.publish] == [(f"hospital-{h}-deidentified", False)]
         work = [(s, ro) for s, t, ro in fw_mounts if t == watch.work_dir]
         assert work == [(f"hospital-{h}-firewall", False)]
         assert all(ro for s, t, ro in fw_mounts if t == "/models"), "SD3/FLUX weights are mounted read-only"
-        assert _environment(firewall, {"HOSPITAL_1_OVERRIDES": "x", "HOSPITAL_2_OVERRIDES": "y"})["SKINFED_OVERRIDES"] \
+        assert service_environment(firewall, {"HOSPITAL_1_OVERRIDES": "x", "HOSPITAL_2_OVERRIDES": "y"})["SKINFED_OVERRIDES"] \
             == {"1": "x", "2": "y"}[h]
         # A GPU for the firewall and the ClientApp, which CPU-only hosts drop.
         for service in (app, firewall):
@@ -297,17 +196,17 @@ def test_compose_deployment_is_authenticated_encrypted_and_private():
     # No service but a hospital's own firewall sees its photos; no two hospitals share a folder or volume.
     assert len(set(data_sources.values())) == len(HOSPITALS)
     for h, source in data_sources.items():
-        seen_by = {n for n, s in services.items() for src, _, _ in _mounts(s) if src == source}
+        seen_by = {n for n, s in services.items() for src, _, _ in service_mounts(s) if src == source}
         assert seen_by == {f"firewall-{h}"}
     for name, service in services.items():
-        for source, _, _ in _mounts(service):
+        for source, _, _ in service_mounts(service):
             if source.startswith("hospital-"):
                 h = source.split("-")[1]
                 allowed = {f"firewall-{h}"} if source.endswith("-firewall") else {f"firewall-{h}", f"clientapp-{h}"}
                 assert name in allowed, (name, source)
     # A node's private key and secrets are mounted where they belong only.
     for name, service in services.items():
-        for source, _, _ in _mounts(service):
+        for source, _, _ in service_mounts(service):
             base = Path(source).name
             if re.fullmatch(r"supernode-\d+(\.superexec-secret)?", base):
                 assert name in (f"supernode-{base.split('-')[1].split('.')[0]}",
@@ -318,27 +217,27 @@ def test_compose_deployment_is_authenticated_encrypted_and_private():
                 assert name == "superlink" and base == "superlink.key", (name, base)
     # Secrets and keys never reach a firewall service.
     for h in HOSPITALS:
-        assert not any("/certs" in t for _, t, _ in _mounts(services[f"firewall-{h}"]))
+        assert not any("/certs" in t for _, t, _ in service_mounts(services[f"firewall-{h}"]))
 
 
 def test_dockerfile_builds_a_non_root_offline_runtime():
-    instructions = _dockerfile_instructions()
+    instructions = dockerfile_instructions()
     words = [w for w, _ in instructions]
     base = next(rest for w, rest in instructions if w == "FROM")
     args = {k: v for w, rest in instructions if w == "ARG" and "=" in rest for k, v in [rest.split("=", 1)]}
-    image = _interpolate(base, args)
+    image = interpolate(base, args)
     assert "cuda" in image.lower(), image
-    users = [_interpolate(rest, args) for w, rest in instructions if w == "USER"]
+    users = [interpolate(rest, args) for w, rest in instructions if w == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0", ""), "the containers must not run as root"
     assert words.index("USER") > max(i for i, w in enumerate(words) if w == "RUN"), "USER after the last RUN"
-    env = _dockerfile_env()
+    env = dockerfile_env()
     assert env["HF_HUB_OFFLINE"] == "1"
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
     assert env["FLWR_TELEMETRY_ENABLED"] == "0"
     runs = " ".join(rest for w, rest in instructions if w == "RUN")
     assert re.search(r"pip install [^&]*/tmp/skinfed-src", runs) and "-e " not in runs
     assert "find_embedded_weights" in runs, "the build checks that the embedded model shipped"
-    assert args["FLWR_VERSION"] == _flwr_version(), "the image pins the flwr that the compose flags are tested with"
+    assert args["FLWR_VERSION"] == flwr_version(), "the image pins the flwr that the compose flags are tested with"
     # From the build context (not from an earlier stage: COPY --from=...).
     copies = [rest.split() for w, rest in instructions if w == "COPY" and "--from=" not in rest]
     for parts in copies:
@@ -428,7 +327,7 @@ def _client_metric_keys() -> set[str]:
 
 def test_deployment_docs_match_the_files():
     text = DOCS.read_text()
-    compose = _compose()
+    compose = read_compose()
     for name in compose["services"]:
         assert f"`{name}`" in text, f"docs/deployment.md does not mention the service {name}"
     for variable in sorted(set(re.findall(r"\$\{(\w+)", COMPOSE.read_text()))):
@@ -450,7 +349,7 @@ def test_deployment_docs_match_the_files():
     assert with_dp == set(accounting_metrics([(1.0, 0.1, 10)], 1e-5, 1.0))
     # Every flag the docs show exists: in this flwr's programs, in make_certificates, or
     # these few of the flwr CLI (`flwr run`, `flwr supernode`) and `docker compose up`.
-    parsers = [*(build() for build in _flwr_parsers().values()), make_certificates.build_parser()]
+    parsers = [*(build() for build in flwr_parsers().values()), make_certificates.build_parser()]
     from privacy_firewall.cli import build_parser as firewall_parser
 
     watch = firewall_parser()._subparsers._group_actions[0].choices["watch"]
@@ -459,192 +358,10 @@ def test_deployment_docs_match_the_files():
               "--network", "--volume", "--entrypoint"}
     unknown = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", text)) - known
     assert not unknown, f"docs/deployment.md shows flags that do not exist: {unknown}"
-    assert f":{_flag(_argv(compose['services']['superlink']), '--port')}" in text
+    assert f":{flag_value(service_argv(compose['services']['superlink']), '--port')}" in text
     # Commands for Debian's docker-compose 1.29 and Compose v2 alike: no v2-only subcommands.
     assert "compose cp" not in text and "docker-compose cp" not in text
     assert "docker-compose config" in text and "DOCKER-USER" in text
-
-
-# ----------------------------------------------------------------------------- (b) end to end on 127.0.0.1
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _hospital_folders(root: Path, per_hospital: int = 4) -> list[Path]:
-    from tests.conftest import make_hospital_folders
-
-    return make_hospital_folders(root, per_hospital, subfolder="hospital-data")
-
-
-class LocalDeployment:
-    """docker-compose.yml's services as processes: container paths become
-    folders under ``root``, ``service:port`` becomes ``127.0.0.1:<free port>``."""
-
-    def __init__(self, root: Path, host_env: dict[str, str], base_env: dict[str, str]):
-        self.root = root
-        self.host_env = host_env  # what `docker compose` would interpolate with
-        self.base_env = base_env
-        self.compose = _compose()
-        self.ports: dict[tuple[str, str], int] = {}
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.logs: dict[str, Path] = {}
-        (root / "logs").mkdir(parents=True, exist_ok=True)
-        for name, service in self.compose["services"].items():
-            port = _flag(_argv(service), "--port")
-            if port:
-                self.ports[(name, port)] = _free_port()
-
-    def add_service(self, name: str, service: dict) -> None:
-        self.compose["services"][name] = service
-        port = _flag(_argv(service), "--port")
-        if port:
-            self.ports[(name, port)] = _free_port()
-
-    def port(self, service: str) -> int:
-        return next(p for (name, _), p in self.ports.items() if name == service)
-
-    def _paths(self, name: str) -> list[tuple[str, str]]:
-        """(container path, host path) for a service, longest container path first."""
-        pairs = []
-        for source, target, _ in _mounts(self.compose["services"][name], self.host_env):
-            host = Path(source).expanduser() if _is_bind(source) else self.root / "volumes" / source
-            if not _is_bind(source):
-                host.mkdir(parents=True, exist_ok=True)
-            pairs.append((target, str(host)))
-        # The rest of the container's own file system.
-        for target in ("/work", "/var/lib/flwr", "/data", "/models", "/certs"):
-            if not any(t == target or target.startswith(t + "/") for t, _ in pairs):
-                pairs.append((target, str(self.root / "containers" / name / target.strip("/"))))
-        return sorted(pairs, key=lambda p: -len(p[0]))
-
-    def _map(self, name: str, value: str) -> str:
-        paths = dict(self._paths(name))  # one pass, longest container path first
-        pattern = "|".join(re.escape(t) for t in paths)
-        value = re.sub(rf'(?:^|(?<=[="\s]))(?:{pattern})(?=[/"\s]|$)', lambda m: paths[m[0]], value)
-        for (service, port), local in self.ports.items():
-            value = value.replace(f"{service}:{port}", f"127.0.0.1:{local}")
-        return value
-
-    def _app_of(self, node: str) -> str:
-        """The service that runs a SuperNode's ClientApps (whose file system its node config describes)."""
-        address = f"{node}:{_flag(_argv(self.compose['services'][node]), '--port')}"
-        return next((name for name, s in self.compose["services"].items()
-                     if _flag(_argv(s), "--runtime-api-address") == address), node)
-
-    def command(self, name: str) -> tuple[list[str], dict[str, str]]:
-        service = self.compose["services"][name]
-        argv = _argv(service)
-        out = [str(BIN / argv[0])]
-        for i, arg in enumerate(argv[1:], start=1):
-            if arg.startswith("--port="):
-                arg = f"--port={self.ports[(name, arg.split('=', 1)[1])]}"
-            elif arg == "--host=0.0.0.0":
-                arg = "--host=127.0.0.1"
-            elif argv[i - 1] == "--node-config" or arg.startswith("--node-config="):
-                out.append(self._map(self._app_of(name), arg))
-                continue
-            out.append(self._map(name, arg))
-        env = dict(self.base_env)
-        for key, value in {**_dockerfile_env(), **_environment(service, self.host_env)}.items():
-            env[key] = self._map(name, value)
-        env["FLWR_HOME"] = str(self.root / "containers" / name / "flwr-home")  # the image's ~/.flwr
-        return out, env
-
-    def start(self, name: str) -> subprocess.Popen:
-        argv, env = self.command(name)
-        self.logs[name] = self.root / "logs" / f"{name}.log"
-        log = open(self.logs[name], "wb")
-        self.procs[name] = subprocess.Popen(argv, env=env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
-        return self.procs[name]
-
-    def log(self, name: str) -> str:
-        return self.logs[name].read_text(errors="replace") if name in self.logs else ""
-
-    def tails(self, lines: int = 25) -> str:
-        return "\n".join(f"----- {name}\n" + "\n".join(self.log(name).splitlines()[-lines:]) for name in self.logs)
-
-    def stop(self) -> None:
-        """SIGTERM every process group (the SuperExecs' app processes too), then SIGKILL."""
-        for proc in reversed(list(self.procs.values())):
-            _signal_group(proc, signal.SIGTERM)
-        deadline = time.time() + 15
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                pass
-        for proc in self.procs.values():
-            _signal_group(proc, signal.SIGKILL)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-
-    def leftovers(self) -> list[str]:
-        """Live processes of ours: in one of our process groups, or naming our folder."""
-        groups = {proc.pid for proc in self.procs.values()}
-        # -ww: full command lines (ps cuts them to 80 columns when not writing to a terminal).
-        out = subprocess.run(["ps", "-ww", "-eo", "pid=,pgid=,stat=,args="], capture_output=True, text=True).stdout
-        alive = []
-        for line in out.splitlines():
-            pid, pgid, state, args = (line.split(None, 3) + [""])[:4]
-            if state.startswith("Z") or int(pid) == os.getpid():
-                continue
-            if int(pgid) in groups or str(self.root) in args:
-                alive.append(line.strip())
-        return alive
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with code {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout:.0f} s")
-
-
-def _flwr(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "flwr"), *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def _aggregated(stream: str, phase: str) -> set[str]:
-    """The metric names in flwr's 'aggregate_<phase>' summary line of the run's log."""
-    lines = stream.splitlines()
-    for i, line in enumerate(lines):
-        if f"aggregate_{phase}: Received" in line:
-            record = lines[i + 1].split("Aggregated MetricRecord:", 1)[1].strip()
-            return set(ast.literal_eval(record))
-    raise AssertionError(f"no aggregate_{phase} summary in the run's log")
-
-
-def _wait_for_firewall(published: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    from privacy_firewall.watch import read_status
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if read_status(published).ready:
-            return
-        if proc.poll() is not None:
-            raise RuntimeError(f"the firewall service exited with code {proc.returncode}")
-        time.sleep(0.5)
-    raise TimeoutError(f"the firewall service is not ready after {timeout:.0f} s: {read_status(published)}")
 
 
 # In the default run (CI keeps the loopback test): ~3 min on 2 idle cores.
@@ -660,7 +377,7 @@ def test_compose_deployment_runs_one_round_on_loopback(tmp_path, tiny_embedded_d
     certs = tmp_path / "certs"
     make_certificates.write_all(certs, nodes=2, sans=[], days=2, force=False)
     make_certificates.write_node_keys(certs, "supernode-3", force=False)  # never registered
-    hospitals = _hospital_folders(tmp_path)
+    hospitals = hospital_folders(tmp_path)
     (tmp_path / "models").mkdir()
 
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("SKINFED_", "FLWR_"))}
@@ -690,17 +407,17 @@ def test_compose_deployment_runs_one_round_on_loopback(tmp_path, tiny_embedded_d
     try:
         for h in HOSPITALS:  # the firewalls first: de-identification is done before and outside Flower
             firewall = deployment.start(f"firewall-{h}")
-            _wait_for_firewall(volumes / f"hospital-{h}-deidentified", firewall)
+            wait_for_firewall(volumes / f"hospital-{h}-deidentified", firewall)
         link = deployment.start("superlink")
-        _wait_for_port(deployment.port("superlink"), link)
+        wait_for_port(deployment.port("superlink"), link)
         for h in HOSPITALS:  # enrol the two hospitals
-            reg = _flwr(["supernode", "register", str(certs / f"supernode-{h}.pub"), "skinfed", "--format", "json"],
+            reg = flwr(["supernode", "register", str(certs / f"supernode-{h}.pub"), "skinfed", "--format", "json"],
                         cli_env, tmp_path, timeout=120)
             assert reg.returncode == 0 and json.loads(reg.stdout)["success"], reg.stdout + reg.stderr
         for name in ("serverapp", "supernode-1", "clientapp-1", "supernode-2", "clientapp-2", "supernode-3"):
             deployment.start(name)
 
-        run = _flwr(["run", str(ROOT), "skinfed", "--stream", "--run-config",
+        run = flwr(["run", str(ROOT), "skinfed", "--stream", "--run-config",
                      "overrides=" + json.dumps(" ".join(overrides))], cli_env, tmp_path, timeout=480)
         stream = run.stdout + run.stderr
         assert run.returncode == 0 and "done: 1 rounds" in stream, stream[-4000:] + deployment.tails()
@@ -724,8 +441,8 @@ def test_compose_deployment_runs_one_round_on_loopback(tmp_path, tiny_embedded_d
             assert (volumes / f"hospital-{h}-firewall" / "output" / "manifest.local.csv").is_file()
         # Only the documented metrics came back, and nothing local reached the researcher's screen.
         # (counts are summed over the hospitals, the number of examples with them)
-        assert _aggregated(stream, "train") == {"train_loss", "firewall_accepted", "firewall_refused", "num-examples"}
-        assert _aggregated(stream, "evaluate") == {"dice", "iou", "loss", "num-examples"}
+        assert aggregated(stream, "train") == {"train_loss", "firewall_accepted", "firewall_refused", "num-examples"}
+        assert aggregated(stream, "evaluate") == {"dice", "iou", "loss", "num-examples"}
         for folder in hospitals:
             assert str(folder) not in stream
             assert not any(p.stem in stream for p in (folder / "images").iterdir())
@@ -739,7 +456,7 @@ def test_compose_deployment_runs_one_round_on_loopback(tmp_path, tiny_embedded_d
         assert rogue_proc.returncode != 0
         assert "Failed to activate SuperNode" in deployment.log("supernode-3")
         assert "No SuperNode found with the given public key" in deployment.log("superlink")
-        nodes = _flwr(["supernode", "list", "skinfed", "--format", "json"], cli_env, tmp_path, timeout=120)
+        nodes = flwr(["supernode", "list", "skinfed", "--format", "json"], cli_env, tmp_path, timeout=120)
         listed = json.loads(nodes.stdout)["nodes"]
         assert len(listed) == 2 and all(n["status"] == "online" for n in listed), nodes.stdout
     finally:

@@ -1,8 +1,8 @@
 """docker-compose.yml under a real Docker engine: slow, needs Docker.
 
-    python -m pytest -m slow tests/test_docker_stack.py      # builds the image first (scripts/deployment_check.sh)
+    python -m pytest -m slow tests/system/test_docker_stack.py      # builds the image first (scripts/deployment_check.sh)
     sudo scripts/deployment_check.sh                          # the same, as a script a person can run
-    python -m tests.test_docker_stack [--no-build] [--keep]   # the check alone; --down cleans up after a kill
+    python -m tests.system.docker_stack [--no-build] [--keep]   # the check alone; --down cleans up after a kill
 
 What it does, as the docs' quick-start does it: certificates from
 scripts/make_certificates.py (owned by the containers' uid), two hospital photo
@@ -45,9 +45,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PROJECT = "skinfedcheck"
 IMAGE = "skinfed:0.1.0"
@@ -55,7 +53,6 @@ IMAGE = "skinfed:0.1.0"
 BRIDGES = {"skinfed-coord": "skfchk-coord", "skinfed-h1": "skfchk-h1", "skinfed-h2": "skfchk-h2"}
 TINY_MODEL = "/models/tiny"  # inside the containers: SKINFED_MODELS is mounted at /models
 
-pytestmark = pytest.mark.slow
 
 
 def say(text: str) -> None:
@@ -435,7 +432,7 @@ def run_check(root: Path, *, keep: bool = False) -> dict:
         raise
     finally:
         if keep:
-            say(f"--keep: the stack and {root} are left running (`python -m tests.test_docker_stack --down` removes it)")
+            say(f"--keep: the stack and {root} are left running (`python -m tests.system.docker_stack --down` removes it)")
         else:
             say("tearing down")
             stack.down()
@@ -450,18 +447,9 @@ def build_image() -> None:
          env={**os.environ, "PYTHON": sys.executable})
 
 
-# ----------------------------------------------------------------------------- pytest
-@pytest.mark.skipif(not docker_available(), reason="needs a running Docker engine (see scripts/deployment_check.sh)")
-def test_compose_stack_survives_a_lost_hospital(tmp_path):
-    build_image()
-    result = run_check(tmp_path)
-    print(json.dumps(result, indent=2))
-    assert result.get("ok")
-
-
 # ----------------------------------------------------------------------------- as a script
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.test_docker_stack", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tests.system.docker_stack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-build", action="store_true", help="use the existing skinfed:0.1.0")
     parser.add_argument("--keep", action="store_true", help="leave the stack running afterwards")

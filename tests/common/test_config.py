@@ -11,7 +11,7 @@ import pytest
 
 from common.config import ConfigError, foreign_override_error, reject_foreign_overrides, split_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_overrides_are_split_by_their_top_level_part():
