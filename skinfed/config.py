@@ -382,8 +382,15 @@ def load_saved_config(path: str | Path, overrides: list[str] | None = None) -> R
     this machine's, and a setting the run's version did not have yet takes its
     default from the current ``conf/``."""
     try:
-        current = compose([])
-        saved = OmegaConf.merge(current, OmegaConf.load(path))
+        loaded = OmegaConf.load(path)
+        # The run's own backend: each backend types firewall.backend with its own settings.
+        backend = OmegaConf.select(loaded, "firewall.backend.name", default=None)
+        current = compose([f"backend={backend}"] if backend else [])
+        if backend and OmegaConf.select(loaded, "firewall.backend") is not None:
+            # Keys the backend's settings no longer have (an older run's) are dropped, not refused.
+            known = set(current.firewall.backend.keys())
+            loaded.firewall.backend = {k: v for k, v in loaded.firewall.backend.items() if k in known}
+        saved = OmegaConf.merge(current, loaded)
         saved.paths = current.paths
         saved.firewall.cache_dir = current.firewall.cache_dir
         saved.firewall.key_file = current.firewall.key_file

@@ -117,6 +117,21 @@ def test_a_saved_run_config_keeps_its_values_and_gains_new_settings(tmp_path):
     assert cfg.data.world == current.data.world
 
 
+def test_a_saved_run_of_another_backend_loads_with_that_backends_settings(tmp_path):
+    """A run saved with backend=sd3 comes back as an SD3 run (its settings class, not
+    the embedded model's), and a key an older version saved is dropped."""
+    import yaml
+
+    from skinfed.config import load_saved_config
+
+    saved = load_run_config(["backend=sd3", "firewall.backend.model_path=/models/sd3"]).to_dict()
+    saved["firewall"]["backend"]["a_key_of_an_older_version"] = 1
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    cfg = load_saved_config(tmp_path / "config.yaml")
+    assert cfg.firewall.backend.name == "sd3" and cfg.firewall.backend.model_path == "/models/sd3"
+    assert type(cfg.firewall.backend).__name__ != type(load_run_config([]).firewall.backend).__name__
+
+
 def test_each_strategy_section_of_the_federation_is_a_registered_strategys_settings():
     """conf/federation/default.yaml holds, per registered strategy with settings,
     exactly its settings' fields, and the composed settings take them from there."""
