@@ -36,7 +36,7 @@ COLUMNS = (
     "round", "global_dice", "global_iou", "global_loss", "train_loss", "client_dice", "client_iou",
     "clients_trained", "clients_failed", "train_examples", "firewall_accepted", "firewall_refused", "seconds",
     "seconds_total", "clients_missed", "clients_not_ready", "hospitals_trained", "hospitals_failed",
-    "hospitals_missed", "hospitals_not_ready", "epsilon",
+    "hospitals_missed", "hospitals_not_ready", "clients_over_budget", "epsilon",
 )
 #: Per-round lists of hospital node ids (ids only): which trained, whose ClientApp
 #: failed, which never replied, and whose firewall was not ready (with its counts).
@@ -126,6 +126,7 @@ class RunDirectory:
             "firewall_refused": train.get("firewall_refused"),
             "clients_missed": train.get("clients_missed"),
             "clients_not_ready": train.get("clients_not_ready"),
+            "clients_over_budget": train.get("clients_over_budget"),
             **{key: train.get(key) for key in HOSPITAL_LISTS},
             # Patient-level DP: the largest epsilon over the hospitals and that hospital's accounting.
             **{key: train[key] for key in PRIVACY_KEYS if key in train},

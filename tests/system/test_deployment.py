@@ -342,11 +342,13 @@ def test_deployment_docs_match_the_files():
     assert listed == _client_metric_keys() == {"train_loss", "num-examples", "firewall_accepted",
                                                "firewall_refused", "dice", "iou", "loss",
                                                "ready", "done", "total", "accepted", "refused"}
-    # and, with patient-level DP, exactly the accounting a training reply adds
+    # and, with patient-level DP, exactly the accounting a training reply adds, or the
+    # reply of a hospital past its budget
+    from skinfed.hospital_replies import BudgetSpent
     from skinfed.patient_privacy import accounting_metrics
 
     with_dp = set(re.findall(r"`([\w-]+)`", paragraphs[2])) - {"train_loss"}
-    assert with_dp == set(accounting_metrics([(1.0, 0.1, 10)], 1e-5, 1.0))
+    assert with_dp == set(accounting_metrics([(1.0, 0.1, 10)], 1e-5, 1.0)) | set(BudgetSpent.keys())
     # Every flag the docs show exists: in this flwr's programs, in make_certificates, or
     # these few of the flwr CLI (`flwr run`, `flwr supernode`) and `docker compose up`.
     parsers = [*(build() for build in flwr_parsers().values()), make_certificates.build_parser()]
