@@ -50,3 +50,10 @@ def atomic_torch_save(path: str | Path, obj: Any) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_safetensors(path: str | Path, state_dict: dict[str, Any]) -> None:
+    """A model's weights as a safetensors file (on the CPU, contiguous), atomically."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}))

@@ -136,16 +136,10 @@ class AttributeClassifier(nn.Module):
 def save_classifier(model: AttributeClassifier, folder: str | Path, metrics: dict | None = None,
                     name: str = "attribute_classifier") -> None:
     """``folder/<name>.safetensors`` and ``folder/<name>.json``, written atomically."""
-    from safetensors.torch import save_file
-
-    from common.io import atomic_write_bytes, atomic_write_json
+    from common.io import atomic_save_safetensors, atomic_write_json
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.partial"
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
-    atomic_write_bytes(folder / f"{name}.safetensors", tmp.read_bytes())
-    tmp.unlink()
+    atomic_save_safetensors(folder / f"{name}.safetensors", model.state_dict())
     atomic_write_json(folder / f"{name}.json", {
         "width": model.width, "convs_per_block": model.convs_per_block, "stem_stride": model.stem_stride,
         "heads": model.head_labels, "metrics": metrics or {},

@@ -360,16 +360,10 @@ class IdentityMatcher:
 def save_identity_matcher(model: IdentityEmbedder, folder: str | Path, calibration: Calibration,
                           metrics: dict | None = None, name: str = MATCHER_NAME) -> None:
     """``folder/<name>.safetensors`` and ``folder/<name>.json`` (config, threshold, metrics), atomically."""
-    from safetensors.torch import save_file
-
-    from common.io import atomic_write_bytes, atomic_write_json
+    from common.io import atomic_save_safetensors, atomic_write_json
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.partial"
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
-    atomic_write_bytes(folder / f"{name}.safetensors", tmp.read_bytes())
-    tmp.unlink()
+    atomic_save_safetensors(folder / f"{name}.safetensors", model.state_dict())
     atomic_write_json(folder / f"{name}.json", {
         "config": asdict(model.config),
         "threshold": calibration.threshold,
