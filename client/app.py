@@ -81,6 +81,20 @@ def reply_privately(handler):
     return wrapper
 
 
+def sits_out_when_not_ready(handler):
+    """A hospital whose firewall has not published its pairs yet answers with how
+    far it is, and no model (:func:`not_ready_reply`)."""
+
+    @functools.wraps(handler)
+    def wrapper(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except FirewallNotReady as exc:
+            return not_ready_reply(msg, exc)
+
+    return wrapper
+
+
 @app.query()
 @reply_privately
 def prepare(msg: Message, context: Context) -> Message:
@@ -107,13 +121,11 @@ def prepare(msg: Message, context: Context) -> Message:
 
 @app.train(mods=[dp_train_mod])  # Flower's clipping mod when the server runs DP (federation.dp)
 @reply_privately
+@sits_out_when_not_ready
 def train(msg: Message, context: Context) -> Message:
     cfg = run_config(context)
     use_available_cores(context)
-    try:
-        hospital = local_hospital(cfg, context)
-    except FirewallNotReady as exc:
-        return not_ready_reply(msg, exc)
+    hospital = local_hospital(cfg, context)
     if not hospital.train:
         raise NoUsableImages(f"no de-identified images to train on ({hospital.refused} refused by the firewall)")
 
@@ -140,13 +152,11 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 @reply_privately
+@sits_out_when_not_ready
 def evaluate(msg: Message, context: Context) -> Message:
     cfg = run_config(context)
     use_available_cores(context)
-    try:
-        hospital = local_hospital(cfg, context)
-    except FirewallNotReady as exc:
-        return not_ready_reply(msg, exc)
+    hospital = local_hospital(cfg, context)
     pairs = hospital.validation or hospital.train
     if not pairs:
         raise NoUsableImages("no de-identified images to evaluate on")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -106,17 +107,11 @@ class DiffusersBackend(FlowBackend):
         return cls.from_pipeline(cls.load_pipeline(settings), settings)
 
     @classmethod
-    def build_tiny_pipeline(cls, architecture: str, seed: int) -> Any:
-        """A tiny (``full_size=False``) pipeline of ``architecture`` with random
-        weights, built in float32 on the CPU."""
-        raise NotImplementedError(f"{cls.__name__} builds no tiny random-weight pipelines")
-
-    @classmethod
-    def build_full_pipeline(cls, architecture: str, *, dtype: torch.dtype, device: str | torch.device,
-                            seed: int) -> Any:
-        """A full-size pipeline of ``architecture`` with random weights, allocated
-        directly on ``device`` in ``dtype``."""
-        raise NotImplementedError(f"{cls.__name__} builds no full-size random-weight pipelines")
+    def random_builders(cls) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        """(tiny, full-size) builders of random-weight pipelines of this family:
+        ``tiny(seed=)`` in float32 on the CPU, ``full(architecture, dtype=, device=,
+        seed=)`` allocated directly on the device."""
+        raise NotImplementedError(f"{cls.__name__} builds no random-weight pipelines")
 
     @classmethod
     def random_pipeline(cls, architecture: str, *, dtype: torch.dtype, device: str | torch.device,
@@ -124,9 +119,10 @@ class DiffusersBackend(FlowBackend):
         """A pipeline of one of :attr:`random_architectures` with random weights
         drawn from ``seed``, in ``dtype`` on ``device`` (a full-size one on
         ``device="meta"``: the structure without allocating weights)."""
+        tiny, full = cls.random_builders()
         if cls.check_random_architecture(architecture).full_size:
-            return cls.build_full_pipeline(architecture, dtype=dtype, device=device, seed=seed)
-        pipe = cls.build_tiny_pipeline(architecture, seed)
+            return full(architecture, dtype=dtype, device=device, seed=seed)
+        pipe = tiny(seed=seed)
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
         if torch.device(device).type != "cpu":

@@ -7,6 +7,7 @@ handled inside :meth:`FluxBackend._velocity`, exactly as ``FluxPipeline`` does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
@@ -90,17 +91,10 @@ class FluxBackend(DiffusersBackend):
         self.has_true_cfg = not self.guidance_embeds
 
     @classmethod
-    def build_tiny_pipeline(cls, architecture: str, seed: int) -> Any:
-        from privacy_firewall.backends.tiny import build_tiny_flux_pipeline
+    def random_builders(cls) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        from privacy_firewall.backends import tiny
 
-        return build_tiny_flux_pipeline(seed=seed)
-
-    @classmethod
-    def build_full_pipeline(cls, architecture: str, *, dtype: torch.dtype, device: str | torch.device,
-                            seed: int) -> Any:
-        from privacy_firewall.backends.tiny import build_random_flux_pipeline
-
-        return build_random_flux_pipeline(architecture, dtype=dtype, device=device, seed=seed)
+        return tiny.build_tiny_flux_pipeline, tiny.build_random_flux_pipeline
 
     # -- prompts -------------------------------------------------------------------------
     @torch.no_grad()

@@ -6,6 +6,7 @@ transformer takes ``timestep = t * 1000`` and predicts ``v = noise - z_0``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -60,17 +61,10 @@ class SD3Backend(DiffusersBackend):
         return ("text_encoder_3", "tokenizer_3") if settings.drop_t5 else ()
 
     @classmethod
-    def build_tiny_pipeline(cls, architecture: str, seed: int) -> Any:
-        from privacy_firewall.backends.tiny import build_tiny_sd3_pipeline
+    def random_builders(cls) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        from privacy_firewall.backends import tiny
 
-        return build_tiny_sd3_pipeline(seed=seed)
-
-    @classmethod
-    def build_full_pipeline(cls, architecture: str, *, dtype: torch.dtype, device: str | torch.device,
-                            seed: int) -> Any:
-        from privacy_firewall.backends.tiny import build_random_sd3_pipeline
-
-        return build_random_sd3_pipeline(architecture, dtype=dtype, device=device, seed=seed)
+        return tiny.build_tiny_sd3_pipeline, tiny.build_random_sd3_pipeline
 
     # -- prompts -------------------------------------------------------------------------
     @torch.no_grad()
