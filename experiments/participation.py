@@ -216,16 +216,18 @@ def _held_for_validation(stem: str, ctx: Context) -> bool:
     return h / 0xFFFFFFFF < ctx.cfg.data.val_fraction
 
 
-def fedavg(ctx: Context, local_train: Callable[[object, int, int], int], hospitals: int) -> tuple[object, list[float]]:
-    """FedAvg for ``federation.num_rounds`` rounds: every hospital trains a copy of
-    the global model (``local_train(model, hospital, round) -> examples``) and the
-    new global model is the example-weighted mean of the copies. Returns the model
-    and the overall Dice after each round."""
+def fedavg(ctx: Context, local_train: Callable[[object, int, int], int], hospitals: int,
+           model=None) -> tuple[object, list[float]]:
+    """FedAvg for ``federation.num_rounds`` rounds from ``model`` (default a fresh
+    U-Net): every hospital trains a copy of the global model (``local_train(model,
+    hospital, round) -> examples``) and the new global model is the
+    example-weighted mean of the copies. Returns the model and the overall Dice
+    after each round."""
     import copy
 
     import torch
 
-    model = _fresh_model(ctx)
+    model = _fresh_model(ctx) if model is None else model
     curve = []
     for rnd in range(1, ctx.cfg.federation.num_rounds + 1):
         states, weights = [], []

@@ -1,12 +1,26 @@
 """`skinfed-audit`: attack what a hospital sends, with the firewall on and off and with DP.
 
     skinfed-audit [--out DIR] [--gallery 16] [--iterations 200] [--inversion-patients 1]
+                  [--patients-per-hospital 8] [--hospital-trials 10]
+                  [--membership RUN_DIR [--membership-only] [--shadows 4] [--shadow-epochs N]]
                   [--device cpu|cuda] [--checkpoint RUN_DIR|checkpoint.pt|model.safetensors] [key=value ...]
 
 ``key=value`` are the runs' Hydra overrides (``model.local_epochs=5``,
 ``firewall.identity.mode=opposite_sex``, ``federation.dp.noise_multiplier=0.5`` ...).
 Progress goes to stderr; the last stdout line is one JSON object with the
 headline numbers; ``audit.json`` and ``audit.png`` are written to ``--out``.
+
+The patients are the run's world (``data.world``) at ``data.clinic_seed``; their
+training labels are cut at the hospital's calibrated theta*. Besides one patient
+per update, hospitals of ``--patients-per-hospital`` patients are drawn
+(``--hospital-trials`` of them): one update each, every patient in it a trial.
+
+``--membership RUN_DIR`` adds membership inference on a finished run's global
+model (the loss-threshold attack and offline LiRA with shadow models trained on
+public-world renders; members are the hospitals' training pairs, non-members their
+validation pairs), written to ``RUN_DIR/membership.json`` and beside the linkage
+in the report; the linkage attacks then use that run's model as their trained
+state (``--checkpoint``). ``--membership-only`` skips the linkage.
 
 Default budget (about 10 minutes on 2 CPU cores, the firewall's first pass
 included): a gallery of 16 synthetic patients, all attacks on all 16, and one
@@ -62,8 +76,8 @@ def prepare_inputs(overrides: list[str], gallery_size: int, checkpoint: str | No
     patients, the firewall's surrogates, the U-Net, its loss and local training.
     (The only function that knows the project's config and data API.)"""
     from models import segmentation
+    from privacy_firewall.calibration import cohort_masks
     from privacy_firewall.firewall import PhotoRequest, PrivacyFirewall
-    from privacy_firewall.masks import differential_mask
     from skinfed.config import load_run_config
     from skinfed.differential_privacy import DpSettings, epsilon_per_round
     from synthetic_clinic import render_subject
@@ -71,14 +85,15 @@ def prepare_inputs(overrides: list[str], gallery_size: int, checkpoint: str | No
     cfg = load_run_config(overrides)
     size = cfg.data.image_size
 
-    # The hospital's patients: subjects of the synthetic clinic, through its firewall.
-    subjects = [render_subject(cfg.data.clinic_seed, i, size) for i in range(gallery_size)]
+    # The hospital's patients: subjects of the synthetic clinic's world of the run
+    # (data.world), through its firewall.
+    subjects = [render_subject(cfg.data.clinic_seed, i, size, world=cfg.data.world) for i in range(gallery_size)]
     firewall = PrivacyFirewall(cfg.firewall)
     print(f"privacy firewall on {gallery_size} photos (cached after the first audit)", file=sys.stderr)
     twins = firewall.run([PhotoRequest(s.pathological, sex=s.subject.sex) for s in subjects], progress=True)
-    threshold = cfg.firewall.mask.threshold
-    threshold = cfg.firewall.mask.default_threshold if threshold == "auto" else float(threshold)
-    mask_settings = cfg.firewall.mask
+    # The training labels at the hospital's own threshold: theta* calibrated on its
+    # cohort (the gallery's patients) as `deidentify` does, or the configured one.
+    cohort = cohort_masks(twins, [None] * len(twins), cfg.firewall.mask)
     # Patients first (the firewall accepted them), then the photos it refused: they stay in the
     # gallery as other people (fail closed: a refused photo is never trained on).
     order = [i for i, t in enumerate(twins) if t.ok] + [i for i, t in enumerate(twins) if not t.ok]
@@ -92,8 +107,7 @@ def prepare_inputs(overrides: list[str], gallery_size: int, checkpoint: str | No
         # Firewall off, the hospital would train on the photos with their ground-truth masks.
         original_masks=[subjects[i].mask for i in order],
         surrogates=[twins[i].surrogate for i in patients],
-        surrogate_masks=[differential_mask(twins[i].a_star_difference, threshold, mask_settings.open_radius,
-                                           mask_settings.min_component_area) for i in patients],
+        surrogate_masks=[cohort.masks[i] for i in patients],
     )
 
     # The model the server sends in round 1 (as the ServerApp builds it), its loss,
@@ -113,7 +127,8 @@ def prepare_inputs(overrides: list[str], gallery_size: int, checkpoint: str | No
     else:
         # A trained state without a run: one round of local training on other clinic subjects.
         trained.load_state_dict(initial.state_dict())
-        others = [render_subject(cfg.data.clinic_seed, gallery_size + i, size) for i in range(24)]
+        others = [render_subject(cfg.data.clinic_seed, gallery_size + i, size, world=cfg.data.world)
+                  for i in range(24)]
         print("training a model state for the trained-state attacks", file=sys.stderr)
         local_training(trained, [s.pathological for s in others], [s.mask for s in others], cfg.seed)
         trained_from = f"one round of local training ({cfg.model.local_epochs} epochs) on 24 other subjects"
@@ -126,7 +141,7 @@ def prepare_inputs(overrides: list[str], gallery_size: int, checkpoint: str | No
     settings = replace(
         settings, hospital_seed=hospital_seed, other_seed=hospital_seed + 7919,
         num_sampled_clients=max(1, round(hospitals * cfg.federation.fraction_train)), delta=dp.delta,
-        num_rounds=cfg.federation.num_rounds,
+        num_rounds=cfg.federation.num_rounds, mask_threshold=cohort.theta,
         noise_multiplier=dp.noise_multiplier if dp.mode != "off" else settings.noise_multiplier,
         clipping_norm=dp.clipping_norm if dp.mode == "client-fixed" else settings.clipping_norm,
     )
@@ -156,9 +171,35 @@ def main(argv: list[str] | None = None) -> int:
                         help="the inversion's starting image (average_face: the gallery's mean)")
     parser.add_argument("--device", default="cpu",
                         help="where the inversion runs: auto, cpu, cuda or cuda:N (the attacks on updates stay on the CPU)")
+    parser.add_argument("--patients-per-hospital", type=int, default=AuditSettings.patients_per_hospital,
+                        help="patients behind one update in the hospital linkage (< 2 skips it)")
+    parser.add_argument("--hospital-trials", type=int, default=AuditSettings.hospital_trials,
+                        help="hospitals drawn for the hospital linkage (each patient in one is a trial)")
+    parser.add_argument("--membership", metavar="RUN_DIR", default=None,
+                        help="membership inference on this finished run's global model")
+    parser.add_argument("--membership-only", action="store_true", help="with --membership: skip the linkage")
+    parser.add_argument("--shadows", type=int, default=4, help="LiRA shadow models (2 or more)")
+    parser.add_argument("--shadow-epochs", type=int, default=None,
+                        help="shadow training epochs (default federation.num_rounds x model.local_epochs)")
+    parser.add_argument("--max-candidates", type=int, default=64, help="members and non-members, each")
     parser.add_argument("--checkpoint", default=None, help="a trained global model for the trained-state attacks")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, as for the runs")
     args = parser.parse_args(argv)
+    if args.gallery < 2:
+        parser.error(f"--gallery must be at least 2, got {args.gallery}")
+    run_dir = Path(args.membership).expanduser() if args.membership else None
+    if run_dir is not None and not (run_dir / "config.yaml").is_file():
+        parser.error(f"--membership {args.membership} is not a run directory (no config.yaml); "
+                     "give the folder of a finished skinfed-run")
+    if args.membership_only and run_dir is None:
+        parser.error("--membership-only needs --membership RUN_DIR")
+    if args.shadows < 2:
+        parser.error(f"--shadows must be 2 or more, got {args.shadows}")
+    if args.hospital_trials < 0:
+        parser.error(f"--hospital-trials must be 0 or more, got {args.hospital_trials}")
+    if args.patients_per_hospital >= 2 and args.patients_per_hospital > args.gallery:
+        parser.error(f"--patients-per-hospital {args.patients_per_hospital} is more than the gallery "
+                     f"({args.gallery}); raise --gallery or lower it")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     from common.config import ConfigError, reject_foreign_overrides
     from common.device import resolve_device
@@ -171,15 +212,35 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     torch.set_num_threads(max(1, int(os.environ.get("SKINFED_THREADS", os.cpu_count() or 1))))
 
+    membership = None
+    if run_dir is not None:
+        from audit.updates.global_model import audit_run
+        from common.io import atomic_write_json
+
+        print(f"membership inference on the global model of {run_dir.name}", file=sys.stderr)
+        membership = audit_run(run_dir, args.shadows, args.shadow_epochs, args.max_candidates, device)
+        atomic_write_json(run_dir / "membership.json", membership)
+        if args.membership_only:
+            print(json.dumps(membership, default=_jsonable))
+            return 0
+        args.checkpoint = args.checkpoint or str(run_dir)
+
     start, cpu_start = time.perf_counter(), time.process_time()
     settings = AuditSettings(
         inversion=InversionBudget(iterations=args.iterations, tv_weight=args.tv_weight, start=args.start),
         inversion_patients=args.inversion_patients,
         inversion_device=device,
+        patients_per_hospital=args.patients_per_hospital,
+        hospital_trials=args.hospital_trials,
     )
     inputs = prepare_inputs(args.overrides, args.gallery, args.checkpoint, settings)
     prepared, prepared_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     result = run_audit(inputs.data, inputs.models, inputs.settings, epsilon_fn=inputs.epsilon_fn)
+    if membership is not None:
+        result.report["membership"] = membership
+        for attack, r in membership["attacks"].items():
+            result.report["summary"][f"membership_auc_{attack}"] = r["auc"]
+            result.report["summary"][f"membership_tpr_at_1pct_fpr_{attack}"] = r["tpr_at_1pct_fpr"]
     result.report["seconds"] = {"prepare (firewall, models)": round(prepared, 2), **result.report["seconds"]}
     result.report["cpu_seconds"] = {"prepare (firewall, models)": round(prepared_cpu, 2), **result.report["cpu_seconds"]}
     result.report["summary"]["seconds"] = round(time.perf_counter() - start, 1)

@@ -133,6 +133,9 @@ class AuditSettings:
     delta: float = 1e-5
     num_rounds: int = 5  # epsilon is also reported after this many rounds
     noise_seed: int = 0
+    mask_threshold: float | None = None  # the hospital's theta* its training labels were cut at (for the report)
+    patients_per_hospital: int = 8  # hospitals of several patients: one update, many patients (< 2 skips them)
+    hospital_trials: int = 10  # such hospitals drawn from the patients (each patient a trial per hospital)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -297,6 +300,34 @@ def run_audit(data: AuditData, models: AuditModels, settings: AuditSettings,
     linkage["fedavg_replay_seed_secret"] = replay_linkage(replay_secret, obs_raw_secret, replay_known)
     linkage["fedavg_replay_erythema_only"] = replay_linkage(replay_mask_only, obs_raw_secret, replay_mask_only)
     linkage["fedavg_replay_image_only"] = replay_linkage(replay_image_only, obs_raw_secret, replay_image_only)
+    # -- hospitals of several patients: one update, k patients in it ----------------------
+    # The attacker replays every candidate alone (he does not know who else the hospital
+    # holds) and ranks the candidates by how well their replay matches the update; each of
+    # the k patients is a trial, linked when it outranks every non-member.
+    k = settings.patients_per_hospital
+    if k >= 2 and p >= k and settings.hospital_trials > 0:
+        draw = np.random.default_rng(settings.noise_seed + 1)
+        hospital_sets = [sorted(int(i) for i in draw.choice(p, k, replace=False)) for _ in range(settings.hospital_trials)]
+
+        def hospital_updates(images, masks, label: str) -> list[Update]:
+            return [fedavg_update(models.initial, models.train, [images[i] for i in members],
+                                  [masks[i] for i in members], settings.hospital_seed + t, state_names)
+                    for t, members in enumerate(tqdm(hospital_sets, desc=label, unit="hospital", leave=False))]
+
+        hospital_fw = hospital_updates(data.surrogates, data.surrogate_masks, f"hospitals of {k} (surrogates)")
+        hospital_raw = hospital_updates(gallery, gallery_masks, f"hospitals of {k} (raw photos)")
+        linkage[f"fedavg_hospital_of_{k}_replay_seed_secret"] = {
+            "firewall": link_rates(similarity_matrix(_signatures(hospital_fw, state_names), replay_secret), hospital_sets),
+            "raw": link_rates(similarity_matrix(_signatures(hospital_raw, state_names), replay_secret), hospital_sets),
+        }
+        linkage[f"fedavg_hospital_of_{k}_gradient"] = {
+            kind: link_rates(similarity_matrix(_signatures(updates, names, negate=True), candidate_sigs["initial"]),
+                             hospital_sets)
+            for kind, updates in (("firewall", hospital_fw), ("raw", hospital_raw))
+        }
+        del hospital_fw, hospital_raw
+        clock.lap("fedavg_hospitals")
+
     # An attacker who does not replay: the update moves against the gradient.
     candidates_initial = candidate_sigs["initial"]
     linkage["fedavg_gradient"] = {
@@ -453,6 +484,7 @@ def summarise(report: dict) -> dict:
         "linkage_top1_firewall_fedsgd": link["fedsgd_b1_initial"]["firewall"]["top1"],
         "linkage_chance": link["fedavg_replay_seed_secret"]["firewall"]["chance_top1"],
         "linkage_chance_top5": link["fedavg_replay_seed_secret"]["firewall"]["chance_top5"],
+        **_hospital_summary(link, s["patients_per_hospital"]),
         "pixel_nearest_neighbour_top1": link["pixel_nearest_neighbour"]["firewall"]["top1"],
         "mask_nearest_neighbour_top1": link["mask_nearest_neighbour"]["firewall"]["top1"],
         "mask_size_and_count_top1": link["mask_size_and_count"]["firewall"]["top1"],
@@ -474,4 +506,21 @@ def summarise(report: dict) -> dict:
                    "inversion_patients": min(s["inversion_patients"], report["num_patients"]),
                    "fedsgd_batch_sizes": list(s["fedsgd_batch_sizes"])},
         "seconds": round(sum(report["seconds"].values()), 1),
+    }
+
+
+def _hospital_summary(link: dict, k: int) -> dict:
+    """The headline numbers of the hospitals of ``k`` patients (none when skipped)."""
+    replay, gradient = link.get(f"fedavg_hospital_of_{k}_replay_seed_secret"), link.get(f"fedavg_hospital_of_{k}_gradient")
+    if replay is None:
+        return {}
+    return {
+        "hospital_linkage_patients_per_hospital": k,
+        "hospital_linkage_trials": replay["firewall"]["num_patients"],
+        "hospital_linkage_top1_firewall": replay["firewall"]["top1"],
+        "hospital_linkage_top1_firewall_ci95": replay["firewall"]["top1_ci95"],
+        "hospital_linkage_auc_firewall": replay["firewall"]["auc"],
+        "hospital_linkage_top1_raw": replay["raw"]["top1"],
+        "hospital_linkage_top1_firewall_no_replay": gradient["firewall"]["top1"],
+        "hospital_linkage_chance": replay["firewall"]["chance_top1"],
     }

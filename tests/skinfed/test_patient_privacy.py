@@ -292,9 +292,11 @@ def test_a_resumed_federation_continues_each_hospitals_epsilon(tiny_config, monk
     assert dp_check.main([str(run_dir)]) == 0
     assert "subject_" not in json.dumps(rounds) and "patient-level DP: epsilon" in capsys.readouterr().out
     # The membership audit of the same global model (shadows on public renders, the run's DP-SGD).
-    from experiments import membership_run
+    from audit.updates import cli as audit_cli
 
-    assert membership_run.main([str(run_dir), "--shadows", "2", "--shadow-epochs", "1"]) == 0
+    assert audit_cli.main(["--membership", str(run_dir), "--membership-only", "--shadows", "2",
+                           "--shadow-epochs", "1"]) == 0
     audit = json.loads((run_dir / "membership.json").read_text())
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == audit
     assert audit["epsilon"] == second["epsilon"] and set(audit["attacks"]) == {"loss_threshold", "lira_offline"}
     assert all(0.0 <= a["auc"] <= 1.0 for a in audit["attacks"].values())

@@ -256,6 +256,50 @@ def test_the_audit_finds_a_firewall_that_passes_the_photos_through(tmp_path):
     assert open(paths["figure"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def _one_sgd_step(model: nn.Module, images, masks, seed: int) -> None:
+    """One full-batch SGD step on the mean loss, seed-free: a hospital's update is
+    then the mean of its patients' own updates (to first order)."""
+    x, y = to_tensors(images, masks)
+    model.train()
+    optimiser = torch.optim.SGD(model.parameters(), lr=1e-2)
+    optimiser.zero_grad()
+    nn.functional.binary_cross_entropy_with_logits(model(torch.cat([x, x.flip(-2)])),
+                                                   torch.cat([y, y.flip(-2)])).backward()
+    optimiser.step()
+
+
+def test_a_hospital_of_several_patients_is_one_update_and_each_patient_a_trial():
+    """Hospitals of 3 patients drawn from 8; the local training is one seed-free SGD
+    step, so a hospital's update sums its patients' own replays and every patient
+    must outrank the non-members. Surrogates that are other people's photos (the
+    next patient's) must not link to the patient."""
+    images, masks = _gallery(12, seed=4)
+    settings = AuditSettings(fedsgd_batch_sizes=(1,), hospital_seed=5, other_seed=6, inversion_patients=0,
+                             noise_multipliers=(0.0,), num_sampled_clients=2, patients_per_hospital=3,
+                             hospital_trials=5)
+    models = AuditModels(initial=_tiny_unet(), trained=None, loss_fn=nn.BCEWithLogitsLoss(), train=_one_sgd_step)
+
+    planted = AuditData(originals=images, original_masks=masks, surrogates=images[:8], surrogate_masks=masks[:8])
+    report = run_audit(planted, models, settings).report
+    link = report["linkage"]["fedavg_hospital_of_3_replay_seed_secret"]["firewall"]
+    assert link["num_patients"] == 5 * 3  # every patient of every drawn hospital is a trial
+    assert link["chance_top1"] == pytest.approx(1 / (12 - 3 + 1))
+    assert link["top1"] >= 0.5 and link["auc"] >= 0.9  # chance: 0.1 and 0.5
+    assert report["summary"]["hospital_linkage_trials"] == 15
+    assert report["summary"]["hospital_linkage_top1_raw"] == pytest.approx(link["top1"])
+
+    shifted = [images[(i + 1) % 8] for i in range(8)]  # each "surrogate" is another patient's photo
+    unlinked = AuditData(originals=images, original_masks=masks, surrogates=shifted,
+                         surrogate_masks=[masks[(i + 1) % 8] for i in range(8)])
+    report = run_audit(unlinked, models, settings).report
+    assert report["summary"]["hospital_linkage_top1_firewall"] < link["top1"]
+    assert report["summary"]["hospital_linkage_auc_firewall"] < link["auc"]
+
+    skipped = run_audit(planted, models, AuditSettings(**{**settings.to_dict(), "patients_per_hospital": 1,
+                                                          "inversion": settings.inversion})).report
+    assert "hospital_linkage_top1_firewall" not in skipped["summary"]
+
+
 def test_the_controls_say_what_carries_the_link():
     """A hospital that trains on the gallery's average face with its patient's mask
     is found by the erythema-only replay; one that trains on the patient's photo
@@ -343,7 +387,8 @@ def test_prepare_inputs_trains_on_accepted_surrogates_only(tiny_config, monkeypa
 
     cfg, overrides = tiny_config
     size = cfg.data.image_size
-    subjects = [render_subject(cfg.data.clinic_seed, i, size) for i in range(5)]
+    # The run's own world (data.world), as the hospital's patients are.
+    subjects = [render_subject(cfg.data.clinic_seed, i, size, world=cfg.data.world) for i in range(5)]
     matcher = LinksChosenPhotos([subjects[1].pathological], cfg.firewall)
     monkeypatch.setattr(firewall_module, "choose_matcher", lambda settings, backend: matcher)
     inputs = prepare_inputs(overrides, 5, None, AuditSettings())
@@ -358,6 +403,12 @@ def test_prepare_inputs_trains_on_accepted_surrogates_only(tiny_config, monkeypa
     assert all(r.cached and np.array_equal(r.surrogate, s) for r, s in zip(again, data.surrogates))
     assert not any(np.array_equal(s, o) for s, o in zip(data.surrogates, data.originals))
     assert all(m.dtype == bool and m.shape == s.shape[:2] for m, s in zip(data.surrogate_masks, data.surrogates))
+    # The labels are cut at the hospital's calibrated theta*, as `deidentify` cuts them.
+    from privacy_firewall.calibration import cohort_masks
+
+    cohort = cohort_masks(again, [None] * len(again), cfg.firewall.mask)
+    assert inputs.settings.mask_threshold == pytest.approx(cohort.theta)
+    assert all(np.array_equal(m, c) for m, c in zip(data.surrogate_masks, cohort.masks, strict=True))
     # The run's federation settings reach the audit; the hospital's seed is not the attacker's.
     s = inputs.settings
     assert (s.delta, s.num_rounds) == (cfg.federation.dp.delta, cfg.federation.num_rounds)
@@ -373,7 +424,8 @@ def test_prepare_inputs_names_why_too_few_photos_were_accepted(tiny_config, monk
     from synthetic_clinic import render_subject
 
     cfg, overrides = tiny_config
-    everyone = [render_subject(cfg.data.clinic_seed, i, cfg.data.image_size).pathological for i in range(3)]
+    everyone = [render_subject(cfg.data.clinic_seed, i, cfg.data.image_size, world=cfg.data.world).pathological
+                for i in range(3)]
     matcher = LinksChosenPhotos(everyone, cfg.firewall)
     monkeypatch.setattr(firewall_module, "choose_matcher", lambda settings, backend: matcher)
     with pytest.raises(SystemExit, match=r"accepted 0 of 3 photos.*still identifiable"):

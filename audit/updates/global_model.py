@@ -1,6 +1,5 @@
-"""Membership inference on a finished simulation's global model.
-
-    python -m experiments.membership_run RUN_DIR [--shadows 4] [--shadow-epochs N] [--device cpu]
+"""Membership inference on a finished simulation's global model (``skinfed-audit
+--membership RUN_DIR``).
 
 Members are the hospitals' de-identified training pairs (what the global model
 was trained on); non-members are the hospitals' validation pairs (the same
@@ -11,16 +10,14 @@ recipe (its U-Net, ``model.*`` and, under ``federation.dp.mode=patient``, its
 DP-SGD noise and clipping), centralised for ``federation.num_rounds x
 model.local_epochs`` epochs unless ``--shadow-epochs`` says otherwise.
 
-Prints one JSON object (AUC and TPR at 1 % FPR of each attack, the run's
-epsilon when it has one) and writes it to ``RUN_DIR/membership.json``. Needs the
-hospitals' firewall output on this machine (the simulation's node folders).
+The report: AUC and TPR at 1 % FPR of each attack, the run's epsilon when it
+has one. Needs the hospitals' firewall output on this machine (the simulation's
+node folders).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -125,30 +122,3 @@ def _run_noise(run_dir: Path) -> float | None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     noises = [r["dp_accounting"]["noise_multiplier"] for r in metrics.get("rounds", []) if r.get("dp_accounting")]
     return float(noises[-1]) if noises else None
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.membership_run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir")
-    parser.add_argument("--shadows", type=int, default=4, help="shadow models (2 or more; LiRA)")
-    parser.add_argument("--shadow-epochs", type=int, default=None,
-                        help="shadow training epochs (default federation.num_rounds x model.local_epochs)")
-    parser.add_argument("--max-candidates", type=int, default=64, help="members and non-members, each")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        parser.error(f"{run_dir} is not a run directory (no config.yaml)")
-    if args.shadows < 2:
-        parser.error("--shadows must be 2 or more")
-    report = audit_run(run_dir, args.shadows, args.shadow_epochs, args.max_candidates, args.device)
-    from common.io import atomic_write_json
-
-    atomic_write_json(run_dir / "membership.json", report)
-    print(json.dumps(report), file=sys.stdout)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
