@@ -10,6 +10,7 @@ any of them.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -75,6 +76,21 @@ def split_overrides(overrides: list[str], own: Collection[str]) -> tuple[list[st
         part = override_key(item).split(".")[0]
         (mine if part in own or part in SHARED_PARTS else foreign).append(item)
     return mine, foreign
+
+
+def parse_args_and_overrides(parser: Any, argv: list[str] | None) -> Any:
+    """``parser.parse_args`` with Hydra's ``key=value`` overrides anywhere on the
+    command line, also after an option of several values (``--arms a b
+    federation.num_rounds=5``), which argparse alone would take for one of them.
+    The overrides land in ``namespace.overrides``."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if re.match(r"^[+~]{0,2}[\w.\[\]/@-]+=", a) or re.match(r"^~[\w.]+$", a)]
+    rest = [a for a in argv if a not in overrides]
+    namespace = parser.parse_args(rest)
+    namespace.overrides = [*getattr(namespace, "overrides", []), *overrides]
+    return namespace
 
 
 def reject_foreign_overrides(overrides: list[str], own: Collection[str], program: str) -> None:

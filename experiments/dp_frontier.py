@@ -339,6 +339,8 @@ def _say(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common.config import parse_args_and_overrides
+
     parser = argparse.ArgumentParser(prog="skinfed-dp-frontier", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.num_subjects=320")
@@ -352,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="learning rate under DP (default model.learning_rate)")
     parser.add_argument("--shadows", type=int, default=0, help="LiRA shadow models (0: loss threshold only; else >= 2)")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    args = parse_args_and_overrides(parser, argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
     if args.dp_local_epochs < 1:

@@ -489,6 +489,8 @@ def _say(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common.config import parse_args_and_overrides
+
     parser = argparse.ArgumentParser(prog="skinfed-participation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. federation.num_rounds=5")
@@ -501,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(default data.num_subjects, as many as the hospitals hold)")
     parser.add_argument("--central-epochs", type=int, default=15, help="epochs of every centrally trained arm")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    args = parse_args_and_overrides(parser, argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
     for name in ("public_subjects", "central_epochs"):

@@ -301,31 +301,9 @@ def run_audit(data: AuditData, models: AuditModels, settings: AuditSettings,
     linkage["fedavg_replay_erythema_only"] = replay_linkage(replay_mask_only, obs_raw_secret, replay_mask_only)
     linkage["fedavg_replay_image_only"] = replay_linkage(replay_image_only, obs_raw_secret, replay_image_only)
     # -- hospitals of several patients: one update, k patients in it ----------------------
-    # The attacker replays every candidate alone (he does not know who else the hospital
-    # holds) and ranks the candidates by how well their replay matches the update; each of
-    # the k patients is a trial, linked when it outranks every non-member.
-    k = settings.patients_per_hospital
-    if k >= 2 and p >= k and settings.hospital_trials > 0:
-        draw = np.random.default_rng(settings.noise_seed + 1)
-        hospital_sets = [sorted(int(i) for i in draw.choice(p, k, replace=False)) for _ in range(settings.hospital_trials)]
-
-        def hospital_updates(images, masks, label: str) -> list[Update]:
-            return [fedavg_update(models.initial, models.train, [images[i] for i in members],
-                                  [masks[i] for i in members], settings.hospital_seed + t, state_names)
-                    for t, members in enumerate(tqdm(hospital_sets, desc=label, unit="hospital", leave=False))]
-
-        hospital_fw = hospital_updates(data.surrogates, data.surrogate_masks, f"hospitals of {k} (surrogates)")
-        hospital_raw = hospital_updates(gallery, gallery_masks, f"hospitals of {k} (raw photos)")
-        linkage[f"fedavg_hospital_of_{k}_replay_seed_secret"] = {
-            "firewall": link_rates(similarity_matrix(_signatures(hospital_fw, state_names), replay_secret), hospital_sets),
-            "raw": link_rates(similarity_matrix(_signatures(hospital_raw, state_names), replay_secret), hospital_sets),
-        }
-        linkage[f"fedavg_hospital_of_{k}_gradient"] = {
-            kind: link_rates(similarity_matrix(_signatures(updates, names, negate=True), candidate_sigs["initial"]),
-                             hospital_sets)
-            for kind, updates in (("firewall", hospital_fw), ("raw", hospital_raw))
-        }
-        del hospital_fw, hospital_raw
+    if settings.patients_per_hospital >= 2 and p >= settings.patients_per_hospital and settings.hospital_trials > 0:
+        linkage.update(hospital_linkage(data, models, settings, state_names, names, replay_secret,
+                                        candidate_sigs["initial"]))
         clock.lap("fedavg_hospitals")
 
     # An attacker who does not replay: the update moves against the gradient.
@@ -421,6 +399,38 @@ def run_audit(data: AuditData, models: AuditModels, settings: AuditSettings,
     }
     report["summary"] = summarise(report)
     return AuditResult(report=report, images=images)
+
+
+def hospital_linkage(data: AuditData, models: AuditModels, settings: AuditSettings, state_names: Sequence[str],
+                     names: Sequence[str], replays: torch.Tensor, candidate_gradients: torch.Tensor
+                     ) -> dict[str, dict[str, LinkageResult]]:
+    """Hospitals of ``settings.patients_per_hospital`` patients, drawn from the
+    patients ``settings.hospital_trials`` times: one FedAvg update each, on the
+    surrogates and (the positive control) on the raw photos. The attacker replays
+    every candidate alone (``replays``: he does not know who else the hospital
+    holds) or takes its one-step gradient, and ranks the candidates by how well
+    they match the update; each of the k patients is a trial, linked when it
+    outranks every non-member."""
+    k, gallery, gallery_masks = settings.patients_per_hospital, data.originals, data.original_masks
+    draw = np.random.default_rng(settings.noise_seed + 1)
+    hospital_sets = [sorted(int(i) for i in draw.choice(data.num_patients, k, replace=False))
+                     for _ in range(settings.hospital_trials)]
+
+    def updates(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], label: str) -> list[Update]:
+        return [fedavg_update(models.initial, models.train, [images[i] for i in members], [masks[i] for i in members],
+                              settings.hospital_seed + t, state_names)
+                for t, members in enumerate(tqdm(hospital_sets, desc=label, unit="hospital", leave=False))]
+
+    observed = {"firewall": updates(data.surrogates, data.surrogate_masks, f"hospitals of {k} (surrogates)"),
+                "raw": updates(gallery, gallery_masks, f"hospitals of {k} (raw photos)")}
+    return {
+        f"fedavg_hospital_of_{k}_replay_seed_secret": {
+            kind: link_rates(similarity_matrix(_signatures(u, state_names), replays), hospital_sets)
+            for kind, u in observed.items()},
+        f"fedavg_hospital_of_{k}_gradient": {
+            kind: link_rates(similarity_matrix(_signatures(u, names, negate=True), candidate_gradients), hospital_sets)
+            for kind, u in observed.items()},
+    }
 
 
 def invert_patient(data: AuditData, i: int, attack_model: nn.Module, loss_fn: nn.Module, gradient_firewall: Update,

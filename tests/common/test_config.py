@@ -90,3 +90,19 @@ def test_the_installed_command_exits_2_naming_the_owner(tmp_path):
     assert out.stderr.strip() == ("privacy-firewall: error: federation.num_rounds is a setting of the federation "
                                   "(skinfed-run / flwr run), not of privacy-firewall")
     assert not (tmp_path / "out").exists()
+
+
+def test_overrides_are_found_anywhere_on_the_command_line():
+    """Hydra's key=value after an option of several values is an override, not one of its values."""
+    import argparse
+
+    from common.config import parse_args_and_overrides
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--arms", nargs="+")
+    parser.add_argument("--out")
+    args = parse_args_and_overrides(parser, ["--arms", "a", "b", "federation.num_rounds=5", "--out", "x",
+                                             "+data.extra=1", "--arms", "c", "~model.augment"])
+    assert args.arms == ["c"] and args.out == "x"
+    assert args.overrides == ["federation.num_rounds=5", "+data.extra=1", "~model.augment"]

@@ -49,7 +49,7 @@ def test_usage_errors_exit_before_any_work(tmp_path, capsys):
         assert exc.value.code == 2, args
     assert main(["federation.dp.mode=patient", "--out", str(tmp_path)]) == 2
     assert "federation.dp" in capsys.readouterr().err
-    assert main(["data.world=public", "--out", str(tmp_path)]) == 2
+    assert main(["--epsilons", "8", "data.world=public", "--out", str(tmp_path)]) == 2  # an override, not an epsilon
     assert not any(tmp_path.iterdir())
 
 

@@ -48,6 +48,9 @@ def test_usage_errors_exit_2_before_any_work(tmp_path, capsys):
     assert exc.value.code == 2
     assert main(["data.world=public", "--out", str(tmp_path)]) == 2
     assert "data.world=hospital" in capsys.readouterr().err
+    # an override after --arms is an override, not an arm
+    assert main(["--arms", "public_only", "data.world=public", "--out", str(tmp_path)]) == 2
+    assert "data.world=hospital" in capsys.readouterr().err
     assert main(["federation.num_rounds=-1", "--out", str(tmp_path)]) == 2
     assert not any(tmp_path.iterdir())
 
