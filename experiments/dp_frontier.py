@@ -241,10 +241,12 @@ def write_table(summary: dict, path: Path) -> None:
             return "–"
         return f"{d['mean']:.{digits}f} ± {d['sd']:.{digits}f}"
 
-    lines = ["| target ε | ε spent (dp-accounting) | noise z | Dice | Dice / non-private | best round | "
+    lines = ["| target ε | ε spent: Opacus / dp-accounting | noise z | Dice | Dice / non-private | best round | "
              "membership AUC (loss) | TPR at 1 % FPR | n |", "|---|---|---|---|---|---|---|---|---|"]
     for name, row in _ordered(summary["by_epsilon"]):
-        lines.append(f"| {name} | {cell(row.get('epsilon_dp_accounting'), 2)} | {cell(row.get('noise_multiplier'), 2)} | "
+        spent = (f"{cell(row.get('epsilon'), 2)} / {cell(row.get('epsilon_dp_accounting'), 2)}"
+                 if row.get("epsilon") else "–")
+        lines.append(f"| {name} | {spent} | {cell(row.get('noise_multiplier'), 2)} | "
                      f"{cell(row['dice'])} | {cell(row.get('dice_over_non_private'), 2)} | "
                      f"{cell(row['best_round_dice'])} | {cell(row.get('membership_auc_loss_threshold'))} | "
                      f"{cell(row.get('membership_tpr_at_1pct_fpr_loss_threshold'))} | {row['dice']['n']} |")
