@@ -82,54 +82,21 @@ def dp_overrides(epsilon: float, local_epochs: int, learning_rate: float | None)
 def membership(model, data: list, shadows: int, shadow_cfg, seed: int, noise: float | None) -> dict:
     """Loss-threshold (and with ``shadows`` >= 2, offline LiRA) membership inference:
     as many members (training pairs) as non-members (validation pairs)."""
-    from audit.updates.global_model import PUBLIC_SHADOW_SEED
-    from audit.updates.membership import membership_audit, train_shadow_models
+    from audit.updates.global_model import members_and_non_members, public_shadow_models
+    from audit.updates.membership import membership_audit
 
     trained = [p for d in data for p in d.train]
     held_out = [p for d in data for p in d.validation]
-    count = min(len(trained), len(held_out))
-    if count < 2:
-        return {"members": count, "non_members": count, "attacks": {}}
-    rng = np.random.default_rng(seed)
-    members = [trained[i] for i in rng.choice(len(trained), count, replace=False)]
-    non_members = [held_out[i] for i in rng.choice(len(held_out), count, replace=False)]
+    if min(len(trained), len(held_out)) < 2:
+        return {"members": 0, "non_members": 0, "attacks": {}}
+    members, non_members = members_and_non_members(trained, held_out, len(trained), seed)
     models = []
     if shadows >= 2:
-        models = _shadow_models(shadow_cfg, shadows, len(trained), seed, noise, PUBLIC_SHADOW_SEED,
-                                train_shadow_models)
+        epochs = shadow_cfg.federation.num_rounds * shadow_cfg.model.local_epochs
+        models = public_shadow_models(shadow_cfg, shadows, len(trained), epochs, noise)
     attacks = membership_audit(model, ([p.surrogate for p in members], [p.mask for p in members]),
                                ([p.surrogate for p in non_members], [p.mask for p in non_members]), models)
-    return {"members": count, "non_members": count, "shadows": len(models), "attacks": attacks}
-
-
-def _shadow_models(cfg, shadows: int, size: int, seed: int, noise: float | None, public_seed: int,
-                   train_shadow_models) -> list:
-    """Shadows on public-world renders with the run's recipe (DP-SGD when the run had it)."""
-    import torch
-
-    from models import private_training, segmentation
-    from skinfed.patient_privacy import build_federated_model, is_patient_dp
-    from synthetic_clinic import render_subject
-
-    epochs = cfg.federation.num_rounds * cfg.model.local_epochs
-    public = [render_subject(public_seed, i, cfg.data.image_size) for i in range(2 * size)]
-
-    def train_shadow(images, masks, shadow_seed):
-        torch.manual_seed(seed)
-        shadow = build_federated_model(cfg)
-        if is_patient_dp(cfg):
-            x = segmentation.to_batch(list(images))
-            y = torch.from_numpy(np.stack(masks)).float()[:, None]
-            z = noise or cfg.federation.dp.noise_multiplier
-            private_training.fit_private(shadow, x, y, cfg.model, noise_multiplier=z,
-                                         max_grad_norm=cfg.federation.dp.max_grad_norm, epochs=epochs, seed=shadow_seed)
-        else:
-            segmentation.train_centralised_baseline(shadow, list(images), list(masks), cfg.model, epochs=epochs,
-                                                    seed=shadow_seed)
-        return shadow
-
-    return train_shadow_models(train_shadow, [s.pathological for s in public], [s.mask for s in public],
-                               num_shadows=shadows, shadow_size=size, seed=seed + 1)
+    return {"members": len(members), "non_members": len(non_members), "shadows": len(models), "attacks": attacks}
 
 
 def private_federation(ctx: P.Context, dp_cfg, shadows: int) -> dict:

@@ -38,14 +38,50 @@ def _global_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["state_dict"]
 
 
+def members_and_non_members(trained: list, held_out: list, max_candidates: int, seed: int) -> tuple[list, list]:
+    """As many members (training pairs) as non-members (validation pairs), at most
+    ``max_candidates`` of each, drawn with ``seed``."""
+    count = min(len(trained), len(held_out), max_candidates)
+    rng = np.random.default_rng(seed)
+    return ([trained[i] for i in rng.choice(len(trained), count, replace=False)],
+            [held_out[i] for i in rng.choice(len(held_out), count, replace=False)])
+
+
+def public_shadow_models(cfg, num_shadows: int, shadow_size: int, epochs: int, noise: float | None,
+                         device: str = "cpu") -> list:
+    """``num_shadows`` shadow models trained on public-world renders only (clinic seed
+    :data:`PUBLIC_SHADOW_SEED`) with the run's recipe: its U-Net from the federation's
+    public initialisation, and under patient-level DP its DP-SGD with ``noise``."""
+    from models import private_training, segmentation
+    from skinfed.patient_privacy import build_federated_model, is_patient_dp
+    from synthetic_clinic import render_subject
+
+    public = [render_subject(PUBLIC_SHADOW_SEED, i, cfg.data.image_size) for i in range(2 * shadow_size)]
+    dp = cfg.federation.dp
+
+    def train_shadow(images, masks, seed):
+        torch.manual_seed(cfg.seed)  # the federation's public initialisation
+        shadow = build_federated_model(cfg)
+        if is_patient_dp(cfg):
+            x = segmentation.to_batch(list(images))
+            y = torch.from_numpy(np.stack(masks)).float()[:, None]
+            private_training.fit_private(shadow, x, y, cfg.model, noise_multiplier=noise or dp.noise_multiplier,
+                                         max_grad_norm=dp.max_grad_norm, epochs=epochs, device=device, seed=seed)
+        else:
+            segmentation.train_centralised_baseline(shadow, list(images), list(masks), cfg.model, epochs=epochs,
+                                                    device=device, seed=seed)
+        return shadow
+
+    return train_shadow_models(train_shadow, [s.pathological for s in public], [s.mask for s in public],
+                               num_shadows=num_shadows, shadow_size=shadow_size, seed=cfg.seed + 1)
+
+
 def audit_run(run_dir: str | Path, num_shadows: int = 4, shadow_epochs: int | None = None,
               max_candidates: int = 64, device: str = "cpu") -> dict:
     """Both membership attacks on the run's global model (see the module docstring)."""
     from client.hospital import load_hospital
-    from models import private_training, segmentation
     from skinfed.data import simulation_hospitals
-    from skinfed.patient_privacy import build_federated_model, is_patient_dp
-    from synthetic_clinic import render_subject
+    from skinfed.patient_privacy import build_federated_model
 
     run_dir = Path(run_dir)
     cfg = _saved_config(run_dir / "config.yaml")
@@ -55,37 +91,18 @@ def audit_run(run_dir: str | Path, num_shadows: int = 4, shadow_epochs: int | No
     hospitals = [load_hospital(cfg, folder) for folder in simulation_hospitals(cfg, cfg.federation.num_hospitals)]
     trained = [p for h in hospitals for p in h.train]
     held_out = [p for h in hospitals for p in h.validation]
-    count = min(len(trained), len(held_out), max_candidates)
-    if count < 2:
+    if min(len(trained), len(held_out), max_candidates) < 2:
         raise SystemExit(f"membership audit: {len(trained)} training and {len(held_out)} validation pairs; "
                          "it needs 2 or more of each (data.val_fraction > 0)")
-    rng = np.random.default_rng(cfg.seed)
-    members = [trained[i] for i in rng.choice(len(trained), count, replace=False)]
-    non_members = [held_out[i] for i in rng.choice(len(held_out), count, replace=False)]
+    members, non_members = members_and_non_members(trained, held_out, max_candidates, cfg.seed)
+    count = len(members)
 
     epochs = shadow_epochs or cfg.federation.num_rounds * cfg.model.local_epochs
     shadow_size = max(2, len(trained))
-    public = [render_subject(PUBLIC_SHADOW_SEED, i, cfg.data.image_size) for i in range(2 * shadow_size)]
     dp = cfg.federation.dp
-
-    def train_shadow(images, masks, seed):
-        torch.manual_seed(cfg.seed)  # the federation's public initialisation
-        shadow = build_federated_model(cfg)
-        if is_patient_dp(cfg):
-            # The hospitals' DP-SGD; the noise for a target epsilon is read off the run's record.
-            x = segmentation.to_batch(list(images))
-            y = torch.from_numpy(np.stack(masks)).float()[:, None]
-            noise = _run_noise(run_dir) or dp.noise_multiplier
-            private_training.fit_private(shadow, x, y, cfg.model, noise_multiplier=noise,
-                                         max_grad_norm=dp.max_grad_norm, epochs=epochs, device=device, seed=seed)
-        else:
-            segmentation.train_centralised_baseline(shadow, list(images), list(masks), cfg.model, epochs=epochs,
-                                                    device=device, seed=seed)
-        return shadow
-
     t0 = time.perf_counter()
-    shadows = train_shadow_models(train_shadow, [s.pathological for s in public], [s.mask for s in public],
-                                  num_shadows=num_shadows, shadow_size=shadow_size, seed=cfg.seed + 1)
+    # Under DP the shadows get the hospitals' noise, read off the run's record.
+    shadows = public_shadow_models(cfg, num_shadows, shadow_size, epochs, _run_noise(run_dir), device)
     attacks = membership_audit(model, ([p.surrogate for p in members], [p.mask for p in members]),
                                ([p.surrogate for p in non_members], [p.mask for p in non_members]), shadows, device)
     summary = json.loads((run_dir / "privacy.json").read_text()) if (run_dir / "privacy.json").is_file() else {}

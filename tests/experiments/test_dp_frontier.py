@@ -57,6 +57,7 @@ def test_a_tiny_frontier_accounts_every_round_and_resumes(tiny_config, tmp_path,
     _, overrides = tiny_config
     out = tmp_path / "out"
     args = ["--epsilons", "8", "inf", "--seeds", "1", "--out", str(out), "--no-progress", "--dp-local-epochs", "1",
+            "--shadows", "2",
             *overrides, "data.num_subjects=16", "data.val_fraction=0.5", "federation.num_hospitals=2",
             "federation.num_rounds=2",
             "model.local_epochs=1"]
@@ -71,7 +72,7 @@ def test_a_tiny_frontier_accounts_every_round_and_resumes(tiny_config, tmp_path,
     assert private["steps_per_hospital"] and all(s > 0 for s in private["steps_per_hospital"])
     assert len(private["curve"]) == 2 and private["rounds_refused"] == 0
     assert summary["by_epsilon"]["8"]["dice"]["n"] == 1
-    assert "loss_threshold" in private["membership"]["attacks"]
+    assert set(private["membership"]["attacks"]) == {"loss_threshold", "lira_offline"}  # shadows on public renders
     for name in ("dp_frontier.json", "dp_frontier.md", "dp_frontier.png", "epsinf-seed0.json"):
         assert (out / name).is_file(), name
     # the results folder is shareable: no keys, ledgers or firewall outputs
