@@ -125,13 +125,15 @@ def prepare_inputs(overrides: list[str], gallery_size: int, checkpoint: str | No
         trained.load_state_dict(_load_state(Path(checkpoint).expanduser()))
         trained_from = f"checkpoint {Path(checkpoint).name}"
     else:
-        # A trained state without a run: one round of local training on other clinic subjects.
+        # A trained state without a run: one round of local training on other subjects.
+        # The attacker trains it himself, so on the public world only (no hospital-world
+        # photo reaches a model except through the federation).
         trained.load_state_dict(initial.state_dict())
-        others = [render_subject(cfg.data.clinic_seed, gallery_size + i, size, world=cfg.data.world)
-                  for i in range(24)]
+        others = [render_subject(cfg.data.clinic_seed, gallery_size + i, size, world="public") for i in range(24)]
         print("training a model state for the trained-state attacks", file=sys.stderr)
         local_training(trained, [s.pathological for s in others], [s.mask for s in others], cfg.seed)
-        trained_from = f"one round of local training ({cfg.model.local_epochs} epochs) on 24 other subjects"
+        trained_from = (f"one round of local training ({cfg.model.local_epochs} epochs) on 24 other "
+                        "public-world subjects")
 
     # The hospital's training seed is secret (client/hospital.py: training_seed); the
     # audit picks one, and an attacker who does not know it replays with another.
